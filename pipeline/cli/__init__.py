@@ -1,0 +1,64 @@
+"""The ``ballad-pipe`` command line: a thin layer that parses options and calls a stage function.
+
+Each subcommand lives in its own module here and is imported only when invoked, so ``--help`` stays
+fast (torch is not imported until a stage needs it).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from pipeline.errors import UserError
+
+# name -> "module:attribute"; one module per command keeps option parsing next to nothing else.
+COMMANDS = {
+    "prepare": "pipeline.cli.prepare:prepare",
+    "phase-a": "pipeline.cli.phase_a:phase_a",
+    "extract": "pipeline.cli.extract:extract",
+    "adapter": "pipeline.cli.adapter:adapter",
+    "evaluate": "pipeline.cli.evaluate:evaluate",
+    "sweep": "pipeline.cli.evaluate:sweep",
+    "neighbors": "pipeline.cli.evaluate:neighbors",
+    "report": "pipeline.cli.report:report",
+    "export": "pipeline.cli.bundle:export",
+    "predict": "pipeline.cli.bundle:predict",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(name for name in COMMANDS if self._importable(name))
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None or not self._importable(name):
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    @staticmethod
+    def _importable(name):
+        module = COMMANDS[name].split(":")[0]
+        return importlib.util.find_spec(module) is not None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="ballad-pipe")
+def main(verbose: bool) -> None:
+    """BALLAD long-tailed recognition: prepare → phase-a → extract → adapter → evaluate."""
+    from pipeline.runtime import setup_logging
+
+    setup_logging(verbose)
+
+
+def run() -> None:  # pragma: no cover - entry for `python -m pipeline.cli`
+    main(prog_name="ballad-pipe", args=sys.argv[1:])
