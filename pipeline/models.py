@@ -101,12 +101,10 @@ def create_model(name: str, pretrained: str | None = None, device="cpu") -> Back
         if pretrained not in tags:
             raise UserError(f"--pretrained {pretrained}: not a weight tag of {name} "
                             f"(known tags: {', '.join(tags) or 'none'}) and not a file")
-    try:
-        model = open_clip.create_model(name, pretrained=pretrained, device=device, weights_only=True)
-    except RuntimeError as e:
-        if pretrained and os.path.exists(pretrained) and ("size mismatch" in str(e) or "state_dict" in str(e)):
-            raise UserError(f"{pretrained}: checkpoint does not match architecture {name} ({str(e).splitlines()[0]})") from None
-        raise
+    is_file = pretrained is not None and os.path.exists(pretrained)
+    model = open_clip.create_model(name, pretrained=None if is_file else pretrained, device=device, weights_only=True)
+    if is_file:
+        load_checkpoint(model, pretrained, name)
     cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
     mean, std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
     size = _image_size(model)
@@ -116,6 +114,35 @@ def create_model(name: str, pretrained: str | None = None, device="cpu") -> Back
         embed_dim = int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
     return Backbone(name=name, pretrained=pretrained, model=model, train_transform=train_tf,
                     eval_transform=eval_tf, tokenizer=tokenizer, image_size=size, embed_dim=embed_dim)
+
+
+def load_checkpoint(model, path: str, name: str) -> None:
+    """Load a state dict file into ``model`` after checking every tensor's name and shape.
+
+    A checkpoint is untrusted input: ``weights_only=True`` refuses pickled code. Accepts our
+    ``final.pt``, open_clip state dicts and ``{"state_dict": …}`` wrappers (DDP ``module.`` prefixes are
+    stripped).
+    """
+    import torch
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused, truncated file, not a torch file at all
+        raise UserError(f"{path}: not a readable state-dict checkpoint ({e.__class__.__name__})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise UserError(f"{path}: expected a state dict, found {type(sd).__name__}")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        detail = (f"{wrong[0]} is {tuple(sd[wrong[0]].shape)}, model has {tuple(own[wrong[0]].shape)}" if wrong
+                  else f"{len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[0]}")
+        raise UserError(f"{path}: checkpoint does not match architecture {name} ({detail})")
+    model.load_state_dict(sd, strict=True)
 
 
 def _looks_like_path(s: str) -> bool:

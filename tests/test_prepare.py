@@ -1,0 +1,207 @@
+"""prepare: shards round-trip, the synthetic profile, CIFAR-100-LT counts, list parsing, bad input, resume."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.errors import UserError
+from stages.prepare import cifar_lt_counts, prepare_cifar100_lt, prepare_lists, prepare_synthetic
+from store.shards import load_dataset, read_shard
+
+
+def _all_samples(root: Path, split: str):
+    info = load_dataset(root)
+    return [s for url in info.urls(split) for s in read_shard(url)]
+
+
+def test_synthetic_profile_has_many_medium_few(tmp_path):
+    info = load_dataset(prepare_synthetic(tmp_path / "d", shard_size=500))
+    counts = np.array(info.split("train").class_counts)
+    assert (counts > 100).any() and ((counts >= 20) & (counts <= 100)).any() and (counts < 20).any()
+    assert counts.max() / counts.min() == pytest.approx(100, rel=0.01)
+    assert info.split("test").class_counts == [20] * info.num_classes
+    assert info.split("val").class_counts == [10] * info.num_classes
+    assert "red triangle" in info.classnames and info.template == "a photo of a {}."
+
+
+def test_synthetic_is_deterministic_per_seed(tmp_path):
+    kw = dict(max_count=30, imbalance=10, test_per_class=2, val_per_class=1, shard_size=64)
+    a, b, c = (prepare_synthetic(tmp_path / n, seed=s, **kw) for n, s in (("a", 0), ("b", 0), ("c", 1)))
+    shards = sorted(p.relative_to(a) for p in a.rglob("*.tar"))
+    assert shards and all((a / s).read_bytes() == (b / s).read_bytes() for s in shards)
+    assert (a / "train/shard-000000.tar").read_bytes() != (c / "train/shard-000000.tar").read_bytes()
+
+
+def test_round_trip_counts_and_labels(tiny_data):
+    info = load_dataset(tiny_data)
+    for split in ("train", "val", "test"):
+        samples = _all_samples(tiny_data, split)
+        assert len(samples) == info.split(split).num_samples
+        counts = np.bincount([s.label for s in samples], minlength=info.num_classes)
+        assert counts.tolist() == info.split(split).class_counts
+        assert len({s.key for s in samples}) == len(samples)
+        img = Image.open(io.BytesIO(samples[0].image))
+        assert img.size == (32, 32) and samples[0].ext == "png"
+
+
+def _make_images(root: Path, names_labels, fmt="JPEG"):
+    for rel, label in names_labels:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), label * 40, np.uint8)).save(p, format=fmt)
+
+
+def _write_list(path: Path, rows):
+    path.write_text("".join(f"{rel} {lab}\n" for rel, lab in rows))
+    return path
+
+
+@pytest.fixture
+def places_like(tmp_path):
+    root = tmp_path / "images"
+    train = [(f"train/air_field/{i:08d}.jpg", 0) for i in range(3)] + [(f"train/bakery/{i:08d}.jpg", 1) for i in range(2)]
+    test = [("val/a.jpg", 0), ("val/b.jpg", 1)]
+    _make_images(root, train + test)
+    return root, _write_list(tmp_path / "Places_LT_train.txt", train), _write_list(tmp_path / "Places_LT_test.txt", test)
+
+
+def test_list_round_trip_is_byte_identical(places_like, tmp_path):
+    root, train, test = places_like
+    out = prepare_lists(tmp_path / "out", root, train, test)
+    info = load_dataset(out)
+    assert info.classnames == ["air field", "bakery"] and info.name == "Places"
+    samples = _all_samples(out, "train")
+    assert [s.label for s in samples] == [0, 0, 0, 1, 1]
+    assert samples[0].key == "train/air_field/00000000" and samples[0].ext == "jpg"
+    assert samples[0].image == (root / "train/air_field/00000000.jpg").read_bytes()  # copied, not re-encoded
+
+
+def test_list_classes_file_and_imagenet_names(places_like, tmp_path):
+    root, train, test = places_like
+    classes = tmp_path / "classes.txt"
+    classes.write_text("airfield\nbakery shop\n")
+    assert load_dataset(prepare_lists(tmp_path / "a", root, train, test, classes=str(classes))).classnames[1] == "bakery shop"
+    names = load_dataset(prepare_lists(tmp_path / "b", root, train, test, classes="imagenet")).classnames
+    assert len(names) == 1000 and names[0] == "tench"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("train/x.jpg notanint", "is not an integer"),
+    ("train/x.jpg", "expected '<relative/path> <label>'"),
+    ("train/x.jpg -1", "is negative"),
+])
+def test_list_bad_lines_name_file_and_line(places_like, tmp_path, line, message):
+    root, train, test = places_like
+    bad = tmp_path / "bad.txt"
+    bad.write_text("train/air_field/00000000.jpg 0\n" + line + "\n")
+    with pytest.raises(UserError, match=rf"bad.txt:2: .*{message}"):
+        prepare_lists(tmp_path / "o", root, bad, test)
+
+
+def test_list_bad_inputs(places_like, tmp_path):
+    root, train, test = places_like
+    with pytest.raises(UserError, match="image root directory not found"):
+        prepare_lists(tmp_path / "o", tmp_path / "nope", train, test)
+    with pytest.raises(UserError, match="list file not found"):
+        prepare_lists(tmp_path / "o", root, tmp_path / "missing.txt", test)
+    short = tmp_path / "short.txt"
+    short.write_text("airfield\n")
+    with pytest.raises(UserError, match="1 names but .* uses label 1"):
+        prepare_lists(tmp_path / "o", root, train, test, classes=str(short))
+    empty = _write_list(tmp_path / "empty.txt", [])
+    with pytest.raises(UserError, match="empty.txt: list is empty"):
+        prepare_lists(tmp_path / "o", root, train, empty)
+    missing = _write_list(tmp_path / "m.txt", [("val/zzz.jpg", 0)])
+    with pytest.raises(UserError, match="image 'val/zzz.jpg' not found"):
+        prepare_lists(tmp_path / "o", root, train, missing)
+
+
+def test_corrupt_image_fails_unless_skip_bad(places_like, tmp_path):
+    root, train, test = places_like
+    (root / "train/bakery/00000001.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(UserError, match=r"00000001.jpg: unreadable image .*--skip-bad"):
+        prepare_lists(tmp_path / "o1", root, train, test)
+    info = load_dataset(prepare_lists(tmp_path / "o2", root, train, test, skip_bad=True))
+    assert info.split("train").skipped == ["train/bakery/00000001"]
+    assert info.split("train").class_counts == [3, 1]
+
+
+def test_output_dir_holding_another_dataset_is_refused(places_like, tmp_path):
+    root, train, test = places_like
+    out = prepare_lists(tmp_path / "o", root, train, test)
+    with pytest.raises(UserError, match="holds another dataset"):
+        prepare_synthetic(out, max_count=10, test_per_class=1, val_per_class=1)
+    prepare_synthetic(out, max_count=10, test_per_class=1, val_per_class=1, overwrite=True)
+    assert load_dataset(out).name == "shapes-lt"
+
+
+def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
+    result = CliRunner().invoke(main, ["prepare", "list", "--root", str(tmp_path / "x"), "--train-list", "a",
+                                       "--test-list", "b", "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0
+    assert result.output.strip() == f"Error: --root {tmp_path / 'x'}: image root directory not found"
+
+
+def _fake_cifar(path: Path, per_class_train=6, per_class_test=2):
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        labels = np.repeat(np.arange(100), n)
+        return {b"data": rng.integers(0, 255, (len(labels), 3072), dtype=np.uint8), b"fine_labels": labels.tolist(),
+                b"filenames": [f"f{i}.png".encode() for i in range(len(labels))]}
+
+    meta = {b"fine_label_names": [f"class_{i}".encode() if i else b"aquarium_fish" for i in range(100)]}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in (("train", split(per_class_train)), ("test", split(per_class_test)), ("meta", meta)):
+            data = pickle.dumps(obj)
+            ti = tarfile.TarInfo(f"cifar-100-python/{name}")
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def test_cifar100_lt_counts(tmp_path):
+    assert sum(cifar_lt_counts(100)) == 10847 and cifar_lt_counts(100)[0] == 500 and cifar_lt_counts(100)[-1] == 5
+    archive = _fake_cifar(tmp_path / "cifar-100-python.tar.gz")
+    # with only 6 images per class, the long-tailed counts are capped by what exists
+    info = load_dataset(prepare_cifar100_lt(tmp_path / "c", archive, imbalance=100, shard_size=200))
+    expected = [min(6, n) for n in cifar_lt_counts(100)]
+    assert info.split("train").class_counts == expected
+    assert info.split("test").class_counts == [2] * 100
+    assert info.classnames[0] == "aquarium fish" and info.name == "cifar100-lt-r100"
+
+
+def test_interrupted_prepare_resumes_to_identical_shards(tmp_path):
+    args = [sys.executable, "-m", "pipeline.cli", "prepare", "synthetic", "--max-count", "300",
+            "--shard-size", "50", "--test-per-class", "2", "--val-per-class", "1"]
+    ref = tmp_path / "ref"
+    subprocess.run(args + ["--out", str(ref)], check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((out / "train").glob("shard-*.tar"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "dataset.json").exists(), "killed too late to test resuming"
+    with pytest.raises(UserError, match="unfinished prepare"):
+        load_dataset(out)
+    subprocess.run(args + ["--out", str(out)], check=True, capture_output=True)
+    files = sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    for f in files:
+        assert (ref / f).read_bytes() == (out / f).read_bytes(), f
