@@ -10,6 +10,7 @@ init. Nothing else in the project calls open_clip's factory.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,20 @@ class Backbone:
         return self.tokenizer.context_length
 
 
+class _NoRandomInitWarning(logging.Filter):
+    """open_clip warns that it loaded no weights whenever ``pretrained`` is None, also when we load a
+    local checkpoint right after; the factory reports what it loaded itself."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
 def _open_clip():
     import open_clip
+
+    root = logging.getLogger()
+    if not any(isinstance(f, _NoRandomInitWarning) for f in root.filters):
+        root.addFilter(_NoRandomInitWarning())
 
     if "ballad-tiny" not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
@@ -119,14 +132,19 @@ def create_model(name: str, pretrained: str | None = None, device="cpu") -> Back
 def load_checkpoint(model, path: str, name: str) -> None:
     """Load a state dict file into ``model`` after checking every tensor's name and shape.
 
-    A checkpoint is untrusted input: ``weights_only=True`` refuses pickled code. Accepts our
-    ``final.pt``, open_clip state dicts and ``{"state_dict": …}`` wrappers (DDP ``module.`` prefixes are
-    stripped).
+    A checkpoint is untrusted input: ``weights_only=True`` refuses pickled code, and safetensors files
+    hold no code at all. Accepts our ``final.pt``, a bundle's ``model.safetensors``, open_clip state dicts
+    and ``{"state_dict": …}`` wrappers (DDP ``module.`` prefixes are stripped).
     """
     import torch
 
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):  # a bundle's model.safetensors (stages/bundle.py)
+            from safetensors.torch import load_file
+
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused, truncated file, not a torch file at all
         raise UserError(f"{path}: not a readable state-dict checkpoint ({e.__class__.__name__})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):

@@ -17,8 +17,9 @@ log = logging.getLogger("ballad")
 
 
 def setup_logging(verbose: bool = False) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    """Our messages at INFO (DEBUG with -v); libraries' (open_clip logs its INFO to the root) at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def seed_everything(seed: int) -> None:

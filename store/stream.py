@@ -42,8 +42,13 @@ def decode_sample(sample: dict, transform: Callable | None = None, strict: bool 
 
 def sample_stream(urls: list[str], transform: Callable | None = None, *, shuffle_shards: bool = False,
                   shuffle_buffer: int = 0, seed: int = 0, split_by_node: bool = False,
-                  split_by_worker: bool = True, strict: bool = False, on_bad: Callable[[str], None] | None = None):
-    """A webdataset pipeline over ``urls`` yielding (key, image, label) tuples."""
+                  split_by_worker: bool = True, strict: bool = False, on_bad: Callable[[str], None] | None = None,
+                  before_decode: Callable | None = None):
+    """A webdataset pipeline over ``urls`` yielding (key, image, label) tuples.
+
+    ``before_decode`` is an optional stage on the raw sample dicts, run after shuffling and before
+    decoding (Phase A uses it to skip, without decoding, what a resumed run has already seen).
+    """
     import webdataset as wds
 
     stages = [wds.SimpleShardList(list(urls))]
@@ -56,6 +61,8 @@ def sample_stream(urls: list[str], transform: Callable | None = None, *, shuffle
     stages.append(wds.tarfile_to_samples())
     if shuffle_buffer > 0:
         stages.append(wds.detshuffle(bufsize=shuffle_buffer, initial=min(shuffle_buffer, 1000), seed=seed))
+    if before_decode is not None:
+        stages.append(before_decode)
     stages.append(_decoded(transform, strict, on_bad))
     return wds.DataPipeline(*stages)
 

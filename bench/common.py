@@ -1,0 +1,101 @@
+"""What every benchmark shares: an interleaved median timer, the machine's description, a table
+printer and the JSON writer (to $OUT when set, as on the GPU machine, else bench/results/)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_many(fns: dict[str, Callable[[], object]], device="cpu", repeat: int = 3,
+              warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn. Rounds are interleaved (a, b, a, b, …) so that load from
+    other processes on a shared machine falls on every contender alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def timeit(fn: Callable[[], object], device="cpu", repeat: int = 3, warmup: int = 1) -> float:
+    return time_many({"fn": fn}, device, repeat, warmup)["fn"]
+
+
+def machine(device="cpu") -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device),
+            # other processes on the machine change CPU numbers; the load says how busy it was
+            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def results_dir() -> Path:
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_result(name: str, result: dict, device, quick: bool) -> Path:
+    path = results_dir() / f"{name}.json"
+    path.write_text(json.dumps({"bench": name, "quick": quick, "machine": machine(device), **result},
+                               indent=2) + "\n")
+    return path
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    """A plain aligned table of ``rows`` (dicts with the same keys); floats get 4 significant digits."""
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cols = list(rows[0])
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print(f"\n{title}")
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def sizes(table: dict, quick: bool, device) -> dict:
+    """A benchmark's problem sizes: ``table['quick']``, else the entry for the device type (cpu, cuda)."""
+    return table["quick" if quick else torch.device(device).type]
+
+
+def check(what: str, value: float, target: float | None = None, higher_is_better: bool = True, unit: str = "") -> dict:
+    """One headline number against its target (None: reported without one), for the runner's summary."""
+    row = {"what": what, "value": f"{value:.4g}{unit}", "target": "-", "met": "-"}
+    if target is not None:
+        met = value >= target if higher_is_better else value <= target
+        row.update(target=f"{'≥' if higher_is_better else '≤'} {target:g}{unit}", met="yes" if met else "NO")
+    return row

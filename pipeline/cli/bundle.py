@@ -1,0 +1,61 @@
+"""`ballad-pipe export` and `predict`: a self-contained bundle, and top-k classes of image files with it."""
+import click
+
+
+@click.command()
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="Checkpoint the store was extracted from (final.pt).")
+@click.option("--adapter", required=True, help="Adapter file (`ballad-pipe adapter`), or `none` for the store as it is.")
+@click.option("--features", required=True, type=click.Path(), help="The feature store the adapter was trained on.")
+@click.option("--out", required=True, type=click.Path(), help="Bundle directory, e.g. models/NAME.bundle (replaced if it is one).")
+def export(ckpt, adapter, features, out):
+    """One directory with the model, adapter, class names and text embeddings; refuses mismatched parts."""
+    from stages.bundle import export as run
+
+    meta = run(ckpt, adapter, features, out)
+    a = meta["adapter"]
+    desc = "no adapter" if a is None else f"{a['config']['position']} adapter λ={a['config']['lam']:g} ({a['config']['form']})"
+    click.echo(f"wrote {out} ({meta['model']['name']}, {len(meta['classnames'])} classes, {desc})")
+
+
+@click.command()
+@click.option("--bundle", "bundle_path", required=True, type=click.Path(), help="Bundle directory (`ballad-pipe export`).")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--classes", type=click.Path(dir_okay=False),
+              help="File of class names, one per line, to predict among instead of the bundle's.")
+@click.option("--add-classes", type=click.Path(dir_okay=False),
+              help="File of class names, one per line, to predict among as well as the bundle's.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
+def predict(bundle_path, inputs, top_k, batch_size, device, classes, add_classes, as_json):
+    """Top-k classes with probabilities of each image in INPUTS (files, or directories walked for images).
+
+    Unreadable files are reported on stderr and skipped; the exit status is then non-zero.
+    """
+    import json
+
+    from pipeline.errors import UserError
+    from stages.bundle import Bundle, image_files, predict_files, read_classes
+
+    paths = image_files(inputs)
+    if not paths:
+        raise UserError(f"no image files in {', '.join(inputs)}")
+    bundle = Bundle.load(bundle_path, device=device)
+    if classes:
+        bundle.set_classes(read_classes(classes))
+    if add_classes:
+        bundle.set_classes(bundle.classnames + read_classes(add_classes))
+    skipped = 0
+    for path, preds, error in predict_files(bundle, paths, top_k, batch_size):
+        if error:
+            skipped += 1
+            click.echo(f"{path}: skipped, not a readable image ({error})", err=True)
+        elif as_json:
+            click.echo(json.dumps({"image": str(path), "predictions": [{"class": c, "prob": p} for c, p in preds]}))
+        else:
+            click.echo(str(path))
+            for rank, (c, p) in enumerate(preds, 1):
+                click.echo(f"  {rank:>2}  {p:7.2%}  {c}")
+    if skipped:
+        raise UserError(f"{skipped} of {len(paths)} file(s) could not be read (listed above)")

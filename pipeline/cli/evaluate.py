@@ -1,0 +1,89 @@
+"""`ballad-pipe evaluate`, `sweep` and `neighbors`: scoring from the feature store."""
+import click
+
+from pipeline.cli.adapter import device, features, train_options
+
+adapter_opt = click.option("--adapter", default="none", show_default=True,
+                           help="Adapter file, or `none` to score the store itself (zero-shot / Phase A).")
+split_opt = click.option("--split", default="test", show_default=True)
+
+
+def thresholds(f):
+    f = click.option("--few-threshold", default=20, show_default=True, help="Few: fewer train images than this.")(f)
+    return click.option("--many-threshold", default=100, show_default=True, help="Many: more train images than this.")(f)
+
+
+def _fmt(value):
+    return "–" if value is None else f"{value:.2f}"
+
+
+@click.command()
+@features
+@adapter_opt
+@split_opt
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder, e.g. reports/ballad.")
+@thresholds
+@click.option("--logit-adjust", default=0.0, show_default=True, help="τ: subtract τ·log(train class prior).")
+@click.option("--knn-k", default=0, show_default=True, help="Neighbours in the kNN cache (0: off).")
+@click.option("--knn-alpha", default=1.0, show_default=True, help="Weight of the cache votes.")
+@click.option("--knn-beta", default=5.0, show_default=True, help="Vote weight exp(−β(1 − cos)).")
+@click.option("--knn-gamma", default=0.0, show_default=True, help="Divide votes by class train count^γ.")
+@device
+def evaluate(features, adapter, split, out, many_threshold, few_threshold, logit_adjust, knn_k, knn_alpha,
+             knn_beta, knn_gamma, device):
+    """Top-1/5, many/medium/few and ECE → metrics.json, per_class.csv, predictions.npz, per_class.png."""
+    from stages.evaluate import evaluate as run
+    from stages.knn import KnnConfig
+
+    m = run(features, out, adapter=adapter, split=split, many=many_threshold, few=few_threshold,
+            logit_adjust=logit_adjust, knn=KnnConfig(knn_k, knn_alpha, knn_beta, knn_gamma), device=device)
+    click.echo(f"top-1 {_fmt(m['top1'])}  top-5 {_fmt(m['top5'])}  many {_fmt(m['many'])}  medium {_fmt(m['medium'])}"
+               f"  few {_fmt(m['few'])}  ECE {_fmt(m['ece'])}  ({m['num_test']} {split} samples) → {out}")
+
+
+@click.command()
+@features
+@click.option("--lambdas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", show_default=True,
+              help="Comma-separated residual factors.")
+@train_options
+@split_opt
+@thresholds
+@device
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder, e.g. reports/sweep.")
+def sweep(features, lambdas, epochs, lr, batch_size, sampler, form, position, seed, split, many_threshold,
+          few_threshold, device, out):
+    """Train and score one adapter per λ from the cache (paper Fig. 5)."""
+    from pipeline.errors import UserError
+    from stages.adapter import TrainConfig
+    from stages.sweep import sweep as run
+
+    try:
+        values = [float(v) for v in lambdas.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--lambdas {lambdas}: expected comma-separated numbers") from None
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, sampler=sampler, form=form, position=position,
+                      seed=seed)
+    rows = run(features, out, values, cfg, split=split, many=many_threshold, few=few_threshold, device=device)
+    click.echo(f"{'λ':>5} {'top-1':>7} {'many':>7} {'medium':>7} {'few':>7}")
+    for r in rows:
+        click.echo(f"{r['lambda']:>5g} {_fmt(r['top1']):>7} {_fmt(r['many']):>7} {_fmt(r['medium']):>7} {_fmt(r['few']):>7}")
+    click.echo(f"→ {out}")
+
+
+@click.command()
+@features
+@click.option("--key", required=True, help="Sample key in --split.")
+@click.option("--k", default=5, show_default=True, help="Neighbours to list.")
+@adapter_opt
+@split_opt
+@device
+def neighbors(features, key, k, adapter, split, device):
+    """The nearest training samples of one sample, with their classes (error analysis)."""
+    from stages.knn import neighbors as run
+
+    r = run(features, key, k=k, adapter=adapter, split=split, device=device)
+    click.echo(f"{r['key']} ({split}): class {r['class']!r}, predicted {r['predicted_class']!r}")
+    click.echo(f"{'rank':>4} {'cosine':>7}  key  class")
+    for n in r["neighbors"]:
+        mark = "*" if n["label"] == r["label"] else " "
+        click.echo(f"{n['rank']:>4} {n['cosine']:>7.4f} {mark}{n['key']}  {n['class']}")

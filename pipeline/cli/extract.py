@@ -1,0 +1,36 @@
+"""`ballad-pipe extract`: a frozen CLIP → the zarr feature store (see docs/feature-store.md)."""
+import os
+
+import click
+
+
+@click.command()
+@click.option("--ckpt", required=True, help="Phase A checkpoint (final.pt), or `none` for the model as the factory builds it.")
+@click.option("--data", required=True, type=click.Path(), help="Shard directory written by `prepare`.")
+@click.option("--out", required=True, type=click.Path(), help="The store, e.g. features/NAME.zarr.")
+@click.option("--model", help="open_clip architecture; default: the one in the checkpoint's final.json.")
+@click.option("--pretrained", help="open_clip weight tag (with --ckpt none), recorded as provenance otherwise.")
+@click.option("--splits", help="Comma-separated splits; default: all of the dataset's.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True,
+              help="DataLoader processes decoding shards (per rank).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of image features.")
+@click.option("--templates", default="single", show_default=True,
+              help="`single` (the dataset's template), `ensemble` (CLIP's 7) or a file with one per line.")
+@click.option("--device", help="cpu, cuda, cuda:1 (default: CUDA when present; torchrun: cuda:LOCAL_RANK).")
+@click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
+@click.option("--overwrite", is_flag=True, help="Replace a store made with another model, checkpoint or dataset.")
+def extract(ckpt, data, out, model, pretrained, splits, batch_size, workers, dtype, templates, device, strict, overwrite):
+    """Image features of every split and class text embeddings, into a resumable zarr store.
+
+    Re-running the same command finishes an interrupted run; under torchrun each rank extracts its
+    own range of shards into the same store.
+    """
+    from stages.extract import extract as run
+
+    split_list = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
+    done = run(ckpt, data, out, model=model, pretrained=pretrained, splits=split_list, batch_size=batch_size,
+               workers=workers, dtype=dtype, templates=templates, strict=strict, overwrite=overwrite, device=device)
+    computed = ", ".join(f"{s}: {n} shard(s)" for s, n in done.items())
+    click.echo(f"wrote {out} ({computed} computed)")

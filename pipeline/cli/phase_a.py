@@ -1,0 +1,36 @@
+"""`ballad-pipe phase-a`: finetune both CLIP encoders on the long-tailed train split (stages/phase_a.py)."""
+import click
+
+
+@click.command(name="phase-a")
+@click.option("--data", required=True, type=click.Path(), help="Prepared dataset directory (holds dataset.json).")
+@click.option("--model", required=True, help="open_clip architecture (RN50-quickgelu, ViT-B-16, …) or ballad-tiny.")
+@click.option("--pretrained", help="open_clip weight tag (openai, …) or a local checkpoint; default: random init.")
+@click.option("--out", default="checkpoints/phase_a", show_default=True, type=click.Path(file_okay=False),
+              help="Output directory: last.pt, final.pt, final.json, train_log.jsonl.")
+@click.option("--epochs", default=50, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+              help="sgd as in the paper; adamw to train a random init (ballad-tiny) from scratch.")
+@click.option("--lr", default=1e-5, show_default=True, help="Learning rate of both encoders (cosine to 0).")
+@click.option("--weight-decay", default=5e-4, show_default=True)
+@click.option("--momentum", default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--batch-size", default=512, show_default=True, help="Images per optimizer step, over all processes.")
+@click.option("--micro-batch", type=int, help="Images per forward pass and process (gradient accumulation).")
+@click.option("--logit-scale", type=float, help="Fixed logit scale s (default: the model's own, 100 for OpenAI CLIP).")
+@click.option("--workers", default=4, show_default=True, help="DataLoader workers per process.")
+@click.option("--shuffle-buffer", default=2000, show_default=True, help="Samples in the shuffle buffer per worker.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--save-every", default=200, show_default=True, help="Write last.pt every N steps (and at the end).")
+@click.option("--eval-every", default=0, show_default=True,
+              help="Test accuracy before training and every N epochs; 0 = never.")
+@click.option("--eval-samples", default=2000, show_default=True, help="Test images used by --eval-every.")
+@click.option("--grad-checkpointing", is_flag=True, help="Trade compute for memory (transformer towers).")
+@click.option("--strict", is_flag=True, help="Fail on an undecodable sample instead of skipping it.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt (or start one).")
+@click.option("--device", help="cpu, cuda, cuda:1 (default: CUDA when present); torchrun picks the GPU per rank.")
+def phase_a(**options):
+    """Phase A: train both CLIP encoders on all K class prompts with cross-entropy."""
+    from stages.phase_a import PhaseAConfig, run_phase_a
+
+    final = run_phase_a(PhaseAConfig(**options))
+    click.echo(f"wrote {final}")

@@ -1,0 +1,144 @@
+"""Stage `evaluate`: accuracy by shot group and calibration of an adapter, or of the store as it is.
+
+Metrics, all in percent:
+- ``top1`` / ``top5`` over the samples of the split.
+- ``many`` / ``medium`` / ``few``: BALLAD's (OLTR's) ``shot_acc``: per-class accuracy first, then the
+  mean over the classes whose train count is > ``many`` (many), < ``few`` (few) or in between
+  (medium). Only classes with samples in the split count; a group without one is ``null`` in
+  metrics.json (the official code returns NaN there).
+- ``ece``: expected calibration error of the max softmax probability over 15 equal-width bins
+  (Guo et al. 2017), Σ_b |B_b|/N · |acc(B_b) − conf(B_b)|.
+
+Two optional, additive changes to the logits, neither in the paper nor the official code: the kNN
+cache of stages/knn.py and post-hoc logit adjustment (Menon et al. 2021), logits − τ·log π with π
+the train class prior (a class without train samples counts as one sample).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+from pipeline.runtime import atomic_path, pick_device, write_json
+from stages.adapter import Adapter, embed_all, load_adapter
+from stages.knn import KnnConfig, knn_logits
+
+log = logging.getLogger("ballad.evaluate")
+
+ECE_BINS = 15
+
+
+def check_thresholds(many: int, few: int) -> None:
+    if few > many:
+        raise UserError(f"--few-threshold {few} exceeds --many-threshold {many}")
+
+
+def shot_accuracy(pred: np.ndarray, labels: np.ndarray, train_counts: np.ndarray, many: int = 100,
+                  few: int = 20) -> tuple[dict, np.ndarray, np.ndarray]:
+    """({many, medium, few}: mean per-class accuracy or None, per-class accuracy [K] (NaN: untested), test counts [K])."""
+    k = len(train_counts)
+    test_counts = np.bincount(labels, minlength=k)
+    correct = np.bincount(labels, weights=(pred == labels), minlength=k)
+    with np.errstate(invalid="ignore"):
+        acc = 100 * correct / test_counts
+    tested = test_counts > 0
+    is_many, is_few = train_counts > many, train_counts < few
+    groups = {"many": is_many, "medium": ~is_many & ~is_few, "few": is_few}
+    return ({name: float(acc[mask & tested].mean()) if (mask & tested).any() else None
+             for name, mask in groups.items()}, acc, test_counts)
+
+
+def calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE in percent; bin b holds confidences in (b/bins, (b+1)/bins]."""
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    gap = np.bincount(which, weights=correct.astype(float), minlength=bins) - np.bincount(which, weights=conf, minlength=bins)
+    return float(100 * np.abs(gap).sum() / len(conf))
+
+
+def score(logits: torch.Tensor, labels: np.ndarray, train_counts: np.ndarray, many: int = 100, few: int = 20) -> dict:
+    """Metrics plus the per-class and top-5 arrays the report files need."""
+    probs = logits.float().softmax(dim=1)
+    top_p, top_c = probs.topk(min(5, probs.shape[1]), dim=1)
+    top_p, top_c = top_p.cpu().numpy(), top_c.cpu().numpy()
+    pred = top_c[:, 0]
+    groups, acc, test_counts = shot_accuracy(pred, labels, train_counts, many, few)
+    metrics = {"top1": float(100 * np.mean(pred == labels)), "top5": float(100 * np.mean((top_c == labels[:, None]).any(1))),
+               **groups, "ece": calibration_error(top_p[:, 0].astype(np.float64), pred == labels),
+               "num_test": int(len(labels)), "num_classes": int(len(train_counts))}
+    return {"metrics": metrics, "per_class": acc, "test_counts": test_counts, "top5": top_c, "scores": top_p}
+
+
+def class_logits(model: Adapter, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Logits on the CPU for features already embedded by ``model``."""
+    with torch.no_grad():
+        return (emb @ model.classifier(text).T).cpu()
+
+
+def log_prior(train_counts: np.ndarray) -> torch.Tensor:
+    counts = np.maximum(train_counts, 1).astype(np.float64)
+    return torch.from_numpy(np.log(counts / counts.sum())).float()
+
+
+def evaluate(features: str | Path, out: str | Path, adapter: str | None = None, split: str = "test",
+             many: int = 100, few: int = 20, logit_adjust: float = 0.0, knn: KnnConfig = KnnConfig(),
+             device: str | None = None) -> dict:
+    """Score ``split`` and write metrics.json, per_class.csv, predictions.npz and per_class.png to ``out``."""
+    from store.features import FeatureStore
+
+    check_thresholds(many, few)
+    knn.check()
+    store = FeatureStore.open(features)
+    dev = pick_device(device)
+    model = load_adapter(adapter, store, features).to(dev)
+    feats, labels = store.features(split, device=dev)
+    emb = embed_all(model, feats)
+    logits = class_logits(model, emb, store.text_embeddings(device=dev))
+    if knn.k:
+        logits += knn_logits(model, store, emb, knn, dev)
+    if logit_adjust:
+        logits -= logit_adjust * log_prior(store.train_class_counts)
+    counts = store.train_class_counts
+    result = score(logits, labels.cpu().numpy(), counts, many, few)
+    write_report(Path(out), result, store.classnames, counts, store.keys(split), labels.cpu().numpy(), many, few)
+    return result["metrics"]
+
+
+def write_report(out: Path, result: dict, classnames: list[str], train_counts: np.ndarray, keys: np.ndarray,
+                 labels: np.ndarray, many: int, few: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", result["metrics"])
+    with atomic_path(out / "per_class.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "train_count", "test_count", "accuracy"])
+        for name, n, t, a in zip(classnames, train_counts, result["test_counts"], result["per_class"]):
+            w.writerow([name, int(n), int(t), "" if np.isnan(a) else f"{a:.2f}"])
+    with atomic_path(out / "predictions.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, key=keys, label=labels, top5=result["top5"], score=result["scores"])
+    plot_per_class(out / "per_class.png", result, train_counts, many, few)
+
+
+def plot_per_class(path: Path, result: dict, train_counts: np.ndarray, many: int, few: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = result["metrics"]
+    tested = result["test_counts"] > 0
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(np.maximum(train_counts[tested], 1), result["per_class"][tested], s=8, alpha=0.6)
+    for x in (few, many):
+        ax.axvline(x, color="grey", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("train images of the class")
+    ax.set_ylabel("class accuracy (%)")
+    fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+    ax.set_title(f"top-1 {fmt(m['top1'])}  many {fmt(m['many'])}  medium {fmt(m['medium'])}  few {fmt(m['few'])}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)

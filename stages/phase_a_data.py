@@ -1,0 +1,134 @@
+"""Phase A's data: the train split streamed from shards with an exact number of batches per epoch.
+
+Every epoch builds a fresh webdataset stream seeded by (seed, epoch): shards are split by rank (DDP)
+and by DataLoader worker, shuffled, read, shuffled again in a sample buffer, decoded and augmented.
+Each worker cycles through its own shards (a new shuffle per pass) until the epoch's batches are
+taken, so every rank takes the same number of steps however unevenly the shards divide. A resumed
+run skips, without decoding, the samples its epoch had already used; the order it then sees is the
+one the interrupted run would have seen when the number of ranks and workers is unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import tarfile
+from itertools import islice
+from pathlib import Path
+
+from pipeline.errors import UserError
+from store.shards import DATASET_FILE, decode_label
+from store.stream import sample_stream
+
+log = logging.getLogger("ballad.phase_a")
+
+
+def check_shards(info, split: str) -> list[str]:
+    """The split's shard URLs, after checking local shards hold the labels dataset.json describes.
+
+    Reads only tar headers and the small label members, so it is cheap even for ImageNet-LT.
+    Remote shards (any URL webdataset opens) are checked as they stream instead.
+    """
+    urls = info.urls(split)
+    if any("://" in u for u in urls):
+        return urls
+    counts = [0] * info.num_classes
+    for url in urls:
+        for label in _shard_labels(Path(url)):
+            if not 0 <= label < info.num_classes:
+                raise UserError(f"{url}: label {label} is outside the {info.num_classes} classes of {DATASET_FILE}")
+            counts[label] += 1
+    expected = info.split(split).class_counts
+    if counts != expected:
+        k = next(k for k, (a, b) in enumerate(zip(counts, expected)) if a != b)
+        raise UserError(f"{info.root / DATASET_FILE}: split '{split}' lists {expected[k]} samples of class {k} "
+                        f"({info.classnames[k]!r}) but its shards hold {counts[k]}; re-run `ballad-pipe prepare`")
+    return urls
+
+
+def _shard_labels(path: Path):
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty shard; re-run `ballad-pipe prepare`")
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if member.name.endswith(".cls"):
+                    yield decode_label(tar.extractfile(member).read())
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable shard ({e.__class__.__name__}: {e}); re-run `ballad-pipe prepare`") from None
+
+
+class BadSampleCounter:
+    """Counts undecodable samples across DataLoader worker processes (shared memory survives fork/spawn)."""
+
+    def __init__(self, start: int = 0):
+        self._value = multiprocessing.Value("q", start)
+
+    def __call__(self, key: str) -> None:
+        with self._value.get_lock():
+            self._value.value += 1
+
+    @property
+    def value(self) -> int:
+        return self._value.value
+
+
+class SkipSeen:
+    """Drops the raw samples that the first ``consumed`` micro-batches of this epoch took from this worker.
+
+    A DataLoader over an iterable dataset takes batch i from worker i mod W, each worker filling its
+    batches from its own stream, so worker w had produced ⌈(consumed − w) / W⌉ of them.
+    """
+
+    def __init__(self, consumed: int, micro_batch: int):
+        self.consumed, self.micro_batch, self.left = consumed, micro_batch, None
+
+    def __call__(self, samples):
+        if self.left is None:  # first pass in this worker; later passes keep counting down
+            import torch.utils.data
+
+            wi = torch.utils.data.get_worker_info()
+            w, n = (wi.id, wi.num_workers) if wi else (0, 1)
+            self.left = max(0, -(-(self.consumed - w) // n)) * self.micro_batch
+        for sample in samples:
+            if self.left:
+                self.left -= 1
+                continue
+            yield sample
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    # webdataset's detshuffle seeds each pass with seed + pass; the shifts keep epochs and passes apart
+    return (seed << 40) + (epoch << 20)
+
+
+def train_batches(urls, transform, *, seed: int, epoch: int, micro_batch: int, workers: int, shuffle_buffer: int,
+                  distributed: bool, consumed: int = 0, strict: bool = False, on_bad=None, pin_memory: bool = False):
+    """Endless (keys, images, labels) micro-batches of ``epoch``, after the ``consumed`` ones already used."""
+    import torch
+
+    stream = sample_stream(urls, transform, shuffle_shards=True, shuffle_buffer=shuffle_buffer,
+                           seed=epoch_seed(seed, epoch), split_by_node=distributed, strict=strict, on_bad=on_bad,
+                           before_decode=SkipSeen(consumed, micro_batch) if consumed else None).repeat()
+    # Seeds the workers' augmentation RNG, so an epoch's crops do not depend on what ran before it.
+    gen = torch.Generator().manual_seed(epoch_seed(seed, epoch) % 2**63)
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=micro_batch, num_workers=workers, generator=gen,
+                                              pin_memory=pin_memory))
+    # The loader always starts with worker 0, but the next batch was worker (consumed mod W)'s to give:
+    # within every round of one batch per worker, yield the workers in that rotated order.
+    first = consumed % max(workers, 1)
+    while True:
+        batches = [next(loader) for _ in range(max(workers, 1))]
+        yield from batches[first:] + batches[:first]
+
+
+def eval_batches(urls, transform, *, batch: int, workers: int, limit: int):
+    """(images, labels) batches of the first ``limit`` samples of an evaluation split, in stored order."""
+    import torch
+
+    stream = sample_stream(urls, transform, split_by_worker=True)
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=min(workers, len(urls)))
+    seen = 0
+    for _, images, labels in islice(loader, -(-limit // batch)):
+        take = min(len(labels), limit - seen)
+        yield images[:take], labels[:take]
+        seen += take

@@ -1,0 +1,159 @@
+"""`ballad-pipe export` / `predict`: round trip against `evaluate`, mismatched parts, bad files, --classes."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.errors import UserError
+from stages.adapter import TrainConfig, train_adapter
+from stages.bundle import Bundle, export
+from stages.evaluate import evaluate
+from stages.extract import extract, text_embeddings
+from store.features import FeatureStore, write_store
+from store.shards import load_dataset, read_shard
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_data, tiny_backbone):
+    """The demo pipeline on tiny_data, cut short: checkpoint → extract → 1-epoch adapter → evaluate → export."""
+    root = tmp_path_factory.mktemp("bundle")
+    ckpt = root / "final.pt"
+    torch.save(tiny_backbone.model.state_dict(), ckpt)
+    ckpt.with_suffix(".json").write_text(json.dumps({"model": "ballad-tiny", "pretrained": None}))
+    features = root / "features.zarr"
+    extract(str(ckpt), tiny_data, features, splits=["train", "test"], batch_size=64, workers=0)
+    adapter = root / "adapter.pt"
+    train_adapter(features, adapter, TrainConfig(epochs=1, batch_size=64), device="cpu")
+    evaluate(features, root / "report", adapter=str(adapter), device="cpu")
+    bundle = root / "shapes.bundle"
+    export(ckpt, str(adapter), features, bundle)
+    samples = [s for url in load_dataset(tiny_data).urls("test") for s in read_shard(url)]
+    return SimpleNamespace(root=root, ckpt=ckpt, features=features, adapter=adapter, bundle=bundle, samples=samples,
+                           report=np.load(root / "report" / "predictions.npz"))
+
+
+def _image(sample):
+    return Image.open(io.BytesIO(sample.image)).convert("RGB")
+
+
+def test_bundle_predicts_what_evaluate_reports(run):
+    assert sorted(p.name for p in run.bundle.iterdir()) == ["bundle.json", "head.safetensors", "model.safetensors"]
+    meta = json.loads((run.bundle / "bundle.json").read_text())
+    store = FeatureStore.open(run.features)
+    assert meta["classnames"] == store.classnames and meta["logit_scale"] == store.logit_scale
+    assert meta["adapter"]["config"]["lam"] == 0.2 and meta["adapter"]["config"]["form"] == "linear"
+    assert meta["transform"] == {"resize_shorter_side": 32, "interpolation": "bicubic", "center_crop": [32, 32],
+                                 "mean": pytest.approx([0.4815, 0.4578, 0.4082], abs=1e-4),
+                                 "std": pytest.approx([0.2686, 0.2613, 0.2758], abs=1e-4)}
+
+    bundle = Bundle.load(run.bundle, device="cpu")
+    preds = bundle.predict([_image(s) for s in run.samples], top_k=5, batch_size=50)
+    assert list(run.report["key"]) == [s.key for s in run.samples]
+    # Same features (fp16 rounding included), adapter and classifier: the same top-5 up to float noise.
+    names = np.array(bundle.classnames)
+    assert [[c for c, _ in p] for p in preds] == names[run.report["top5"]].tolist()
+    np.testing.assert_allclose([[q for _, q in p] for p in preds], run.report["score"], atol=1e-5)
+
+
+def test_predict_cli_reports_bad_files(run, tmp_path):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    for i, s in enumerate(run.samples[:3]):
+        (images / ("sub" if i else "") / f"{s.key}.png").write_bytes(s.image)
+    (images / "broken.png").write_bytes(b"\x89PNG truncated")
+    (images / "notes.txt").write_text("not an image, and not picked up by the directory walk")
+    runner = CliRunner()
+    r = runner.invoke(main, ["predict", "--bundle", str(run.bundle), str(images), str(tmp_path / "gone.jpg"),
+                             "--json", "--top-k", "3", "--device", "cpu"])
+    assert r.exit_code != 0
+    assert "broken.png: skipped" in r.stderr and "gone.jpg: skipped" in r.stderr and "notes.txt" not in r.stderr
+    assert "Error: 2 of 5 file(s) could not be read" in r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    want = Bundle.load(run.bundle, device="cpu").predict([_image(s) for s in run.samples[:3]], top_k=3)
+    got = {line["image"].rsplit("/", 1)[1]: line["predictions"] for line in lines}
+    assert got.keys() == {f"{s.key}.png" for s in run.samples[:3]}
+    for s, w in zip(run.samples[:3], want):
+        assert [(p["class"], pytest.approx(p["prob"], abs=1e-5)) for p in got[f"{s.key}.png"]] == w
+
+    r = runner.invoke(main, ["predict", "--bundle", str(run.bundle), str(images / "sub"), "--top-k", "2"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[1].split()[0] == "1" and len(r.stdout.splitlines()) == 2 * 3
+
+
+def test_mismatched_parts_are_refused(run, tmp_path):
+    other = torch.load(run.ckpt, weights_only=True)
+    other["logit_scale"] += 1
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="other.pt: not the checkpoint .* was extracted from"):
+        export(tmp_path / "other.pt", str(run.adapter), run.features, tmp_path / "b")
+
+    store = FeatureStore.open(run.features)
+    names = [f"thing {i}" for i in range(store.num_classes)]
+    feats = np.random.default_rng(0).normal(size=(60, store.embed_dim)).astype(np.float32)
+    write_store(tmp_path / "elsewhere.zarr", image={"train": feats}, labels={"train": np.arange(60) % len(names)},
+                keys=None, text_embeddings=store.text_embeddings(), classnames=names,
+                logit_scale=store.logit_scale, train_class_counts=[2] * len(names),
+                meta={"model": "ballad-tiny", "checkpoint_sha256": store.fingerprint["checkpoint_sha256"]})
+    train_adapter(tmp_path / "elsewhere.zarr", tmp_path / "elsewhere.pt", TrainConfig(epochs=1), device="cpu")
+    with pytest.raises(UserError, match=r"elsewhere.pt: trained on another feature store .*classnames_sha256"):
+        export(run.ckpt, str(tmp_path / "elsewhere.pt"), run.features, tmp_path / "b")
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="taken: exists and is not a bundle"):
+        export(run.ckpt, str(run.adapter), run.features, tmp_path / "taken")
+
+    zero_shot = tmp_path / "zero.bundle"
+    export(run.ckpt, "none", run.features, zero_shot)
+    assert json.loads((zero_shot / "bundle.json").read_text())["adapter"] is None
+    mixed = tmp_path / "mixed.bundle"
+    shutil.copytree(run.bundle, mixed)
+    shutil.copy(zero_shot / "head.safetensors", mixed / "head.safetensors")
+    with pytest.raises(UserError, match="head.safetensors: does not belong to this bundle"):
+        Bundle.load(mixed)
+    with pytest.raises(UserError, match="not a bundle"):
+        Bundle.load(tmp_path / "taken")
+
+    r = CliRunner().invoke(main, ["export", "--ckpt", str(tmp_path / "other.pt"), "--adapter", str(run.adapter),
+                                  "--features", str(run.features), "--out", str(tmp_path / "b")])
+    assert r.exit_code != 0 and r.stderr.startswith("Error: ") and len(r.stderr.splitlines()) == 1
+
+
+def test_classes_file_replaces_or_adds_names(run, tmp_path):
+    bundle = Bundle.load(run.bundle, device="cpu")
+    stored = dict(zip(bundle.classnames, bundle.text))
+    # The bundle's text tower and templates give the store's class embeddings back.
+    again, _ = text_embeddings(bundle.backbone, bundle.classnames, bundle.meta["templates"], "cpu")
+    np.testing.assert_allclose(again, torch.stack(list(stored.values())).numpy(), atol=1e-5)
+
+    images = [_image(s) for s in run.samples[:4]]
+    before = bundle.logits(images)
+    picked = [bundle.classnames[i] for i in (5, 0, 2)]
+    bundle.set_classes(picked + ["hexagon"])
+    after = bundle.logits(images)
+    torch.testing.assert_close(after[:, :3], before[:, [5, 0, 2]])
+    hexagon, _ = text_embeddings(bundle.backbone, ["hexagon"], bundle.meta["templates"], "cpu")
+    torch.testing.assert_close(bundle.text[3], torch.from_numpy(hexagon[0]))
+    with pytest.raises(UserError, match="'hexagon' is listed 2 times"):
+        bundle.set_classes(bundle.classnames + ["hexagon"])
+
+    (tmp_path / "extra.txt").write_text("hexagon\n\nstar\n")
+    (tmp_path / "img.png").write_bytes(run.samples[0].image)
+    r = CliRunner().invoke(main, ["predict", "--bundle", str(run.bundle), str(tmp_path / "img.png"), "--json",
+                                  "--top-k", "100", "--add-classes", str(tmp_path / "extra.txt")])
+    assert r.exit_code == 0, r.output
+    classes = [p["class"] for p in json.loads(r.stdout)["predictions"]]
+    assert sorted(classes) == sorted(bundle.meta["classnames"] + ["hexagon", "star"])
+    r = CliRunner().invoke(main, ["predict", "--bundle", str(run.bundle), str(tmp_path / "img.png"), "--json",
+                                  "--classes", str(tmp_path / "extra.txt")])
+    assert r.exit_code == 0, r.output
+    assert [p["class"] for p in json.loads(r.stdout)["predictions"]] in (["hexagon", "star"], ["star", "hexagon"])

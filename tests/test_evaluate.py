@@ -1,0 +1,128 @@
+"""Evaluation: shot metrics, calibration, report files, logit adjustment and the λ sweep."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lt_features import make_lt_store, single_thread  # noqa: F401 (fixture)
+from pipeline.cli import main
+from pipeline.errors import UserError
+from stages.evaluate import calibration_error, evaluate, shot_accuracy
+from stages.sweep import sweep
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def lt_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("evaluate") / "lt.zarr"
+    make_lt_store(path)
+    return path
+
+
+def oltr_shot_acc(pred, labels, train_counts, many, few):
+    """The official shot_acc loop, over the classes present in the test labels."""
+    groups = {"many": [], "medium": [], "few": []}
+    for c in np.unique(labels):
+        acc = 100 * np.mean(pred[labels == c] == c)
+        n = train_counts[c]
+        groups["many" if n > many else "few" if n < few else "medium"].append(acc)
+    return {k: (np.mean(v) if v else None) for k, v in groups.items()}
+
+
+@pytest.mark.parametrize("train_counts", [
+    [500, 101, 100, 40, 20, 19, 5, 1],     # every group, thresholds on both sides of the boundaries
+    [500, 300, 150, 90, 60, 30, 25, 20],   # no few-shot class
+])
+def test_shot_accuracy_matches_per_class_recomputation(train_counts):
+    rng = np.random.default_rng(0)
+    counts = np.array(train_counts)
+    labels = rng.integers(0, 7, 400)  # class 7 has no test samples: ignored, like the official code
+    pred = np.where(rng.random(400) < 0.6, labels, rng.integers(0, 8, 400))
+    groups, acc, test_counts = shot_accuracy(pred, labels, counts, many=100, few=20)
+    expected = oltr_shot_acc(pred, labels, counts, 100, 20)
+    for name in ("many", "medium", "few"):
+        assert (groups[name] is None) == (expected[name] is None)
+        if expected[name] is not None:
+            assert groups[name] == pytest.approx(expected[name])
+    assert np.isnan(acc[7]) and test_counts[7] == 0 and test_counts.sum() == 400
+
+
+def test_calibration_error_matches_binned_definition():
+    rng = np.random.default_rng(1)
+    conf = np.concatenate([rng.random(1000), [1.0, 1 / 15, 2 / 15]])  # include bin edges
+    correct = rng.random(len(conf)) < conf ** 0.5
+    expected = 0.0
+    for b in range(15):
+        m = (conf > b / 15) & (conf <= (b + 1) / 15)
+        if m.any():
+            expected += m.sum() / len(conf) * abs(correct[m].mean() - conf[m].mean())
+    assert calibration_error(conf, correct) == pytest.approx(100 * expected)
+    assert calibration_error(np.ones(10), np.ones(10, dtype=bool)) == 0
+
+
+def test_evaluate_writes_consistent_report(lt_store, tmp_path):
+    m = evaluate(lt_store, tmp_path / "zs")
+    assert set(m) == {"top1", "top5", "many", "medium", "few", "ece", "num_test", "num_classes"}
+    assert json.loads((tmp_path / "zs" / "metrics.json").read_text()) == m
+    pred = np.load(tmp_path / "zs" / "predictions.npz")
+    assert pred["top5"].shape == (m["num_test"], 5) and (np.diff(pred["score"], axis=1) <= 0).all()
+    assert m["top1"] == pytest.approx(100 * np.mean(pred["top5"][:, 0] == pred["label"]))
+    assert m["top5"] == pytest.approx(100 * np.mean((pred["top5"] == pred["label"][:, None]).any(1)))
+    rows = list(csv.DictReader(open(tmp_path / "zs" / "per_class.csv")))
+    assert len(rows) == m["num_classes"]
+    few = [float(r["accuracy"]) for r in rows if int(r["train_count"]) < 20]
+    assert m["few"] == pytest.approx(np.mean(few), abs=0.01)
+    assert (tmp_path / "zs" / "per_class.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_logit_adjustment_subtracts_the_log_prior(lt_store, tmp_path):
+    from store.features import FeatureStore
+
+    store = FeatureStore.open(lt_store)
+    feats, _ = store.features("test")
+    f = torch.nn.functional.normalize(torch.from_numpy(feats).float(), dim=-1)
+    prior = store.train_class_counts / store.train_class_counts.sum()
+    logits = store.logit_scale * f @ torch.from_numpy(store.text_embeddings()).T - 2.0 * torch.from_numpy(np.log(prior)).float()
+    base = evaluate(lt_store, tmp_path / "plain")
+    adjusted = evaluate(lt_store, tmp_path / "la", logit_adjust=2.0)
+    top = np.load(tmp_path / "la" / "predictions.npz")["top5"][:, 0]
+    assert (top == logits.argmax(1).numpy()).mean() > 0.99  # float16 features: ties may round apart
+    assert adjusted["few"] > base["few"]
+
+
+def test_sweep_table_and_lambda_zero_is_the_store(lt_store, tmp_path):
+    from stages.adapter import TrainConfig
+
+    rows = sweep(lt_store, tmp_path / "sweep", [0.0, 0.5], TrainConfig(epochs=2, batch_size=64))
+    assert [r["lambda"] for r in rows] == [0.0, 0.5]
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text()) == rows
+    assert len(list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))) == 2
+    assert (tmp_path / "sweep" / "sweep.png").is_file()
+    none = evaluate(lt_store, tmp_path / "none")
+    assert rows[0]["top1"] == pytest.approx(none["top1"]) and rows[0]["few"] == pytest.approx(none["few"])
+    with pytest.raises(UserError, match="--lambda 2"):
+        sweep(lt_store, tmp_path / "bad", [0.1, 2.0])
+
+
+def test_cli_evaluate_and_sweep(lt_store, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["evaluate", "--features", str(lt_store), "--out", str(tmp_path / "r"),
+                             "--many-threshold", "50", "--few-threshold", "30", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "top-1" in r.output and json.loads((tmp_path / "r" / "metrics.json").read_text())["few"] is not None
+    r = runner.invoke(main, ["sweep", "--features", str(lt_store), "--lambdas", "0.2,0.4", "--epochs", "1",
+                             "--batch-size", "128", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads((tmp_path / "s" / "sweep.json").read_text())) == 2
+    for args, message in [(["sweep", "--features", str(lt_store), "--lambdas", "0.1,x", "--out", "o"], "--lambdas"),
+                          (["evaluate", "--features", str(lt_store), "--few-threshold", "200", "--out", "o"],
+                           "--few-threshold 200"),
+                          (["evaluate", "--features", str(lt_store), "--split", "val", "--out", "o"], "'val'")]:
+        r = runner.invoke(main, args)
+        assert r.exit_code != 0 and "Error: " in r.output and message in r.output and "Traceback" not in r.output

@@ -1,0 +1,278 @@
+"""`ballad-pipe extract`: content, determinism, bad input, SIGKILL + resume, two torchrun processes."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import store.features as features
+from pipeline.cli import main
+from pipeline.errors import UserError
+from pipeline.runtime import sha256_file
+from stages.extract import extract, resolve_templates
+from store.features import FeatureStore
+from store.shards import load_dataset, read_shard, write_shard
+
+CHUNK_ROWS = 96  # several chunks per split, so processes and resumes write chunk by chunk
+CHILD = """
+import os, signal, sys
+import store.features as features
+from pipeline.cli import main
+
+features.CHUNK_ROWS = {chunk_rows}
+if sys.argv[1] == "kill-staging":  # SIGKILL right after the second finished train shard
+    stage = features.SplitWriter.stage
+
+    def stage_then_die(self, *args):
+        stage(self, *args)
+        if len(list(self.dir.glob("*.npz"))) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    features.SplitWriter.stage = stage_then_die
+main(["extract", *sys.argv[2:]], prog_name="ballad-pipe")
+"""
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_backbone):
+    path = tmp_path_factory.mktemp("ckpt") / "final.pt"
+    torch.save(tiny_backbone.model.state_dict(), path)
+    path.with_suffix(".json").write_text(json.dumps({"model": "ballad-tiny", "pretrained": None}))
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    # Floating-point reductions may split differently with another thread count; every run compared
+    # bit for bit here uses one, as the torchrun children do.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_data, ckpt):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(features, "CHUNK_ROWS", CHUNK_ROWS)
+    out = tmp_path_factory.mktemp("ref") / "features.zarr"
+    try:
+        extract(str(ckpt), tiny_data, out, batch_size=32, workers=2)
+    finally:
+        mp.undo()
+        torch.set_num_threads(before)
+    return out
+
+
+def _files(path: Path) -> dict:
+    """Every file's bytes but the root metadata (which names the run: created time, --out)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.relative_to(path) != Path("zarr.json")}
+
+
+def _same_store(a: Path, b: Path):
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    for name in fa:
+        assert fa[name] == fb[name], name
+    drop = ("created", "command")
+    ma, mb = FeatureStore.open(a).meta, FeatureStore.open(b).meta
+    assert {k: v for k, v in ma.items() if k not in drop} == {k: v for k, v in mb.items() if k not in drop}
+
+
+def test_store_holds_model_features_in_shard_order(reference, tiny_data, tiny_backbone, ckpt):
+    fs = FeatureStore.open(reference)
+    data = load_dataset(tiny_data)
+    assert fs.splits == ["train", "val", "test"]
+    assert fs.fingerprint["checkpoint_sha256"] == sha256_file(ckpt) and fs.fingerprint["model"] == "ballad-tiny"
+    assert fs.train_class_counts.tolist() == data.split("train").class_counts
+    assert fs.classnames == data.classnames and fs.embed_dim == tiny_backbone.embed_dim
+    assert fs.logit_scale == pytest.approx(tiny_backbone.model.logit_scale.exp().item())
+    samples = [s for url in data.urls("test") for s in read_shard(url)]
+    image, labels = fs.features("test")
+    assert list(fs.keys("test")) == [s.key for s in samples]
+    assert labels.tolist() == [s.label for s in samples]
+    picks = [0, len(samples) - 1]
+    batch = torch.stack([tiny_backbone.eval_transform(Image.open(io.BytesIO(samples[i].image))) for i in picks])
+    with torch.inference_mode():
+        want = tiny_backbone.model.eval().encode_image(batch)  # unnormalised, as stored
+    torch.testing.assert_close(torch.from_numpy(image[picks]).float(), want, atol=2e-3, rtol=2e-3)
+    from pipeline.text import class_prompts, encode_text, tokenize_trimmed
+
+    tokens = tokenize_trimmed(tiny_backbone.tokenizer, class_prompts(data.classnames, data.template))
+    with torch.inference_mode():
+        text = encode_text(tiny_backbone.model, tokens, normalize=True)
+    torch.testing.assert_close(fs.text_embeddings("cpu"), text, atol=1e-5, rtol=1e-5)
+    assert fs.prompts == class_prompts(data.classnames, data.template)
+
+
+def test_same_command_gives_identical_store(reference, tiny_data, ckpt, tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(features, "CHUNK_ROWS", CHUNK_ROWS)
+    done = extract(str(ckpt), tiny_data, tmp_path / "again.zarr", batch_size=32, workers=0)
+    assert done == {"train": 6, "val": 1, "test": 2}
+    _same_store(reference, tmp_path / "again.zarr")
+    assert extract(str(ckpt), tiny_data, tmp_path / "again.zarr", batch_size=32, workers=0) == {"train": 0, "val": 0, "test": 0}
+
+
+def _child(tmp_path, mode, args, world_size=1):
+    """Run the CLI in fresh processes: one, or ``world_size`` ranks joined as torchrun would join them."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(chunk_rows=CHUNK_ROWS))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    if world_size > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size))
+    procs = [subprocess.Popen([sys.executable, str(script), mode, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)} if world_size > 1 else env)
+             for r in range(world_size)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    return [p.returncode for p in procs], "\n".join(logs)[-3000:]
+
+
+@pytest.mark.slow
+def test_interrupted_runs_resume_to_identical_store(reference, tiny_data, ckpt, tmp_path, monkeypatch, one_thread,
+                                                    caplog):
+    out = tmp_path / "killed.zarr"
+    args = ["--ckpt", str(ckpt), "--data", str(tiny_data), "--out", str(out), "--splits", "train",
+            "--batch-size", "32", "--workers", "1"]
+    rc, log = _child(tmp_path, "kill-staging", args)
+    assert rc == [-9], log
+    fs = FeatureStore.open(out)
+    assert not fs.is_complete("train")
+    with pytest.raises(UserError, match=r"split 'train' is incomplete.*--ckpt .*--splits train` finishes it"):
+        fs.features("train")
+    staged = {p.name: p.stat().st_mtime_ns for p in (out / features.STAGING / "train").glob("*.npz")}
+    assert len(staged) == 2
+
+    monkeypatch.setattr(features, "CHUNK_ROWS", CHUNK_ROWS)
+    create = features._array
+
+    def crash_writing_train(group, name, *a):  # what a kill leaves mid-finish: arrays made, not filled
+        create(group, name, *a)
+        if name == "key" and group.path == "train":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(features, "_array", crash_writing_train)
+    with caplog.at_level("INFO", logger="ballad.extract"), pytest.raises(KeyboardInterrupt):
+        extract(str(ckpt), tiny_data, out, batch_size=32, workers=1)
+    assert "train: 2 of 6 shard(s) already extracted, computing 4" in caplog.text
+    assert all((out / features.STAGING / "train" / n).stat().st_mtime_ns == t for n, t in staged.items())
+    assert not FeatureStore.open(out).is_complete("train")
+    monkeypatch.setattr(features, "_array", create)
+    assert extract(str(ckpt), tiny_data, out, batch_size=32, workers=1) == {"train": 0, "val": 1, "test": 2}
+    _same_store(reference, out)
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_match_one_process(reference, tiny_data, ckpt, tmp_path):
+    out = tmp_path / "ranks.zarr"
+    args = ["--ckpt", str(ckpt), "--data", str(tiny_data), "--out", str(out), "--batch-size", "32",
+            "--workers", "1", "--device", "cpu"]
+    rc, log = _child(tmp_path, "plain", args, world_size=2)
+    assert rc == [0, 0], log
+    _same_store(reference, out)
+
+
+@pytest.fixture(scope="module")
+def corrupt_data(tmp_path_factory, tiny_data):
+    """tiny_data with one undecodable image in val."""
+    root = tmp_path_factory.mktemp("corrupt") / "shapes"
+    shutil.copytree(tiny_data, root)
+    shard = root / load_dataset(root).split("val").shards[0]
+    samples = list(read_shard(shard))
+    samples[3] = samples[3].__class__(samples[3].key, "png", b"\x89PNG not really", samples[3].label)
+    shard.unlink()
+    write_shard(shard, samples)
+    return root, samples[3].key
+
+
+def test_corrupt_images_are_skipped_and_recorded(corrupt_data, tmp_path):
+    root, bad = corrupt_data
+    extract("none", root, tmp_path / "f.zarr", model="ballad-tiny", splits=["val"], workers=1)
+    fs = FeatureStore.open(tmp_path / "f.zarr")
+    assert fs.skipped("val") == [bad] and bad not in fs.keys("val")
+    assert len(fs.features("val")[1]) == load_dataset(root).split("val").num_samples - 1
+    with pytest.raises(UserError, match=f"sample '{bad}'.*unreadable"):
+        extract("none", root, tmp_path / "s.zarr", model="ballad-tiny", splits=["val"], workers=1, strict=True)
+
+
+def test_bad_input_is_refused_with_one_line(tiny_data, ckpt, reference, tmp_path):
+    with pytest.raises(UserError, match="no split 'holdout'"):
+        extract(str(ckpt), tiny_data, tmp_path / "f.zarr", splits=["holdout"])
+    with pytest.raises(UserError, match=r"--model RN50: checkpoint .* is a ballad-tiny \(per final.json\)"):
+        extract(str(ckpt), tiny_data, tmp_path / "f.zarr", model="RN50")
+    with pytest.raises(UserError, match="--model is required"):
+        extract("none", tiny_data, tmp_path / "f.zarr")
+    state = torch.load(ckpt, weights_only=True)
+    state["visual.proj"] = state["visual.proj"][:, :3]
+    torch.save(state, tmp_path / "wrong.pt")
+    with pytest.raises(UserError, match="does not match architecture ballad-tiny"):
+        extract(str(tmp_path / "wrong.pt"), tiny_data, tmp_path / "f.zarr", model="ballad-tiny")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="junk.pt: not a readable state-dict checkpoint"):
+        extract(str(tmp_path / "junk.pt"), tiny_data, tmp_path / "f.zarr", model="ballad-tiny")
+    store = tmp_path / "ref.zarr"
+    shutil.copytree(reference, store)
+    with pytest.raises(UserError, match="holds a store made with another checkpoint_sha256.*--overwrite"):
+        extract("none", tiny_data, store, model="ballad-tiny", splits=["val"], workers=0)
+    extract("none", tiny_data, store, model="ballad-tiny", splits=["val"], workers=0, overwrite=True)
+    assert FeatureStore.open(store).splits == ["val"]
+    result = CliRunner().invoke(main, ["extract", "--ckpt", str(tmp_path / "nope.pt"), "--data", str(tiny_data),
+                                       "--out", str(tmp_path / "f.zarr")])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [f"Error: --ckpt {tmp_path / 'nope.pt'}: no such checkpoint file "
+                                                  "(or pass --ckpt none for the factory's weights)"]
+
+
+def test_ensemble_averages_normalised_prompt_embeddings(tiny_data, ckpt, tiny_backbone, tmp_path):
+    extract(str(ckpt), tiny_data, tmp_path / "e.zarr", splits=["val"], workers=0, templates="ensemble")
+    fs = FeatureStore.open(tmp_path / "e.zarr")
+    from pipeline.text import ENSEMBLE_TEMPLATES, encode_text, tokenize_trimmed
+
+    names = fs.classnames
+    assert fs.prompts[:2] == [ENSEMBLE_TEMPLATES[0].format(names[0]), ENSEMBLE_TEMPLATES[1].format(names[0])]
+    with torch.inference_mode():
+        emb = encode_text(tiny_backbone.model, tokenize_trimmed(tiny_backbone.tokenizer, fs.prompts), normalize=True)
+    want = torch.nn.functional.normalize(emb.view(len(names), len(ENSEMBLE_TEMPLATES), -1).mean(1), dim=-1)
+    torch.testing.assert_close(fs.text_embeddings("cpu"), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="dtype"):  # a store's settings are fixed once made
+        extract(str(ckpt), tiny_data, tmp_path / "e.zarr", splits=["val"], workers=0, templates="ensemble",
+                dtype="float32")
+
+
+def test_template_file_is_checked_line_by_line(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("a photo of a {}.\n\na sketch of {}\n")
+    assert resolve_templates(str(f), "x {}") == ["a photo of a {}.", "a sketch of {}"]
+    f.write_text("a photo of a {}.\nno placeholder\n")
+    with pytest.raises(UserError, match=r"t.txt:2: a template needs exactly one '\{\}'"):
+        resolve_templates(str(f), "x {}")
+    with pytest.raises(UserError, match="--templates fancy: not 'single', 'ensemble' or an existing file"):
+        resolve_templates("fancy", "x {}")
+
+
+def test_documented_plain_zarr_example(reference):
+    import zarr
+
+    root = zarr.open_group(str(reference), mode="r")
+    assert root["train"].attrs["complete"]
+    x, y, keys = root["train/image"][:], root["train/label"][:], root["train/key"][:]
+    text = root["text/embeddings"][:]
+    logits = root.attrs["logit_scale"] * (x / np.linalg.norm(x, axis=1, keepdims=True)) @ text.T
+    assert logits.shape == (len(y), len(root.attrs["classnames"])) and len(keys) == len(y)

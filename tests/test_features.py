@@ -1,0 +1,155 @@
+"""The feature store on its own: synthetic stores, the resumable split writer, refusals."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import zarr
+
+import store.features as features
+from pipeline.errors import UserError
+from store.features import FeatureStore, SplitWriter, chunk_rows, create_store, write_store
+
+K, D = 4, 8
+
+
+def _synthetic(path, rng, n_train=50, dtype="float16", **kw):
+    image = {"train": rng.normal(size=(n_train, D)), "test": rng.normal(size=(12, D))}
+    labels = {"train": rng.integers(0, K, n_train), "test": rng.integers(0, K, 12)}
+    return write_store(path, image=image, labels=labels, keys=None, text_embeddings=rng.normal(size=(K, D)) * 3,
+                       classnames=[f"c{i}" for i in range(K)], logit_scale=100.0,
+                       train_class_counts=np.bincount(labels["train"], minlength=K), dtype=dtype, **kw), image, labels
+
+
+def test_roundtrip_numpy_and_torch(tmp_path):
+    import torch
+
+    rng = np.random.default_rng(0)
+    fs, image, labels = _synthetic(tmp_path / "s.zarr", rng)
+    fs = FeatureStore.open(tmp_path / "s.zarr")
+    assert fs.splits == ["train", "test"] and fs.is_complete("train")
+    x, y = fs.features("train")
+    assert x.dtype == np.float16 and y.dtype == np.int64
+    np.testing.assert_array_equal(x, image["train"].astype(np.float16))
+    np.testing.assert_array_equal(y, labels["train"])
+    assert list(fs.keys("test")[:2]) == ["test_000000", "test_000001"]
+    xt, yt = fs.features("test", device="cpu", dtype=torch.float32)
+    assert xt.dtype == torch.float32 and yt.dtype == torch.int64
+    torch.testing.assert_close(xt, torch.from_numpy(image["test"].astype(np.float16)).float())
+    text = fs.text_embeddings()
+    assert text.dtype == np.float32 and np.allclose(np.linalg.norm(text, axis=1), 1, atol=1e-6)
+    assert fs.prompts[0] == "a photo of a c0." and fs.num_classes == K and fs.embed_dim == D
+    assert fs.logit_scale == 100.0 and fs.train_class_counts.dtype == np.int64
+    assert set(fs.fingerprint) == {"model", "pretrained", "checkpoint_sha256", "classnames_sha256", "embed_dim"}
+
+
+def test_float32_store_keeps_exact_values(tmp_path):
+    fs, image, _ = _synthetic(tmp_path / "s.zarr", np.random.default_rng(1), dtype="float32")
+    np.testing.assert_array_equal(fs.features("train")[0], image["train"].astype(np.float32))
+
+
+def test_open_refuses_what_is_not_a_store(tmp_path):
+    with pytest.raises(UserError, match="no such feature store"):
+        FeatureStore.open(tmp_path / "missing.zarr")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("hi")
+    with pytest.raises(UserError, match="not a"):
+        FeatureStore.open(tmp_path / "plain")
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["x"] = 1
+    with pytest.raises(UserError, match="not a ballad feature store"):
+        FeatureStore.open(tmp_path / "other.zarr")
+    fs, _, _ = _synthetic(tmp_path / "s.zarr", np.random.default_rng(2))
+    with pytest.raises(UserError, match="no split 'val'"):
+        fs.features("val")
+
+
+def test_chunk_rows_are_equal_sized(monkeypatch):
+    monkeypatch.setattr(features, "CHUNK_ROWS", 100)
+    for n in (1, 99, 100, 101, 250, 1001):
+        rows = chunk_rows(n)
+        n_chunks = -(-n // rows)
+        assert rows <= 100 and n_chunks * rows - n < n_chunks  # padding under one row per chunk
+
+
+def _stage_parts(writer, rng, counts):
+    rows = {"image": [], "label": [], "key": []}
+    for s in reversed(range(len(counts))):  # finishing order must not matter
+        n = counts[s]
+        image, label = rng.normal(size=(n, D)).astype(np.float16), rng.integers(0, K, n)
+        keys = [f"s{s}_{i}" for i in range(n)]
+        writer.stage(s, image, label, keys, skipped=[f"bad{s}"] if n == 0 else [])
+        rows["image"].insert(0, image), rows["label"].insert(0, label), rows["key"].insert(0, keys)
+    return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def _attrs():
+    return {"format": features.FORMAT, "fingerprint": {"model": "m"}, "dtype": "float16", "classnames": ["a"],
+            "embed_dim": D, "logit_scale": 1.0, "train_class_counts": [1], "command": "ballad-pipe extract --out x"}
+
+
+def test_split_writer_refuses_unfinished_then_writes_in_shard_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(features, "CHUNK_ROWS", 7)  # several chunks, crossing shard boundaries
+    group = create_store(tmp_path / "s.zarr", _attrs())
+    writer = SplitWriter(group, "train", 5, "float16")
+    writer.prepare(is_main=True)
+    (writer.dir / ".000003.npz.abc.tmp").write_bytes(b"half a shard")
+    writer.prepare(is_main=True)
+    assert not list(writer.dir.glob(".*.tmp"))
+    expect = _stage_parts(writer, np.random.default_rng(3), [9, 0, 4, 13, 5])
+    with pytest.raises(UserError, match=r"incomplete.*`ballad-pipe extract --out x --splits train` finishes it"):
+        FeatureStore.open(tmp_path / "s.zarr").features("train")
+    writer.finish(D)
+    fs = FeatureStore.open(tmp_path / "s.zarr")
+    x, y = fs.features("train")
+    np.testing.assert_array_equal(x, expect["image"])
+    np.testing.assert_array_equal(y, expect["label"])
+    assert list(fs.keys("train")) == list(expect["key"])
+    assert fs.skipped("train") == ["bad1"] and fs.split_attrs("train")["num_samples"] == 31
+    assert not (tmp_path / "s.zarr" / features.STAGING).exists()
+
+
+def test_two_processes_write_disjoint_chunks_of_the_same_arrays(tmp_path, monkeypatch):
+    monkeypatch.setattr(features, "CHUNK_ROWS", 5)
+    stores = {}
+    for world in (1, 2):
+        group = create_store(tmp_path / f"w{world}.zarr", _attrs())
+        writer = SplitWriter(group, "train", 4, "float16")
+        writer.prepare(is_main=True)
+        _stage_parts(writer, np.random.default_rng(4), [6, 7, 1, 9])
+        sync = threading.Barrier(world)
+        workers = [threading.Thread(target=writer.finish, args=(D, r, world, sync.wait)) for r in range(world)]
+        [t.start() for t in workers]
+        [t.join() for t in workers]
+        stores[world] = FeatureStore.open(tmp_path / f"w{world}.zarr")
+    for a, b in zip(stores[1].features("train"), stores[2].features("train")):
+        np.testing.assert_array_equal(a, b)
+    assert list(stores[1].keys("train")) == list(stores[2].keys("train"))
+
+
+def test_create_store_resumes_same_run_and_refuses_another(tmp_path):
+    path = tmp_path / "s.zarr"
+    group = create_store(path, _attrs())
+    group.attrs["splits"] = ["train"]
+    created = group.attrs["created"]
+    again = create_store(path, {**_attrs(), "command": "new"})
+    assert again.attrs["created"] == created and again.attrs["splits"] == ["train"]
+    other = {**_attrs(), "fingerprint": {"model": "m", "checkpoint_sha256": "beef"}}
+    with pytest.raises(UserError, match="checkpoint_sha256.*--overwrite"):
+        create_store(path, other)
+    with pytest.raises(UserError, match="dtype"):
+        create_store(path, {**_attrs(), "dtype": "float32"})
+    assert create_store(path, other, overwrite=True).attrs["splits"] == []
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file").write_text("x")
+    with pytest.raises(UserError, match="not a feature store"):
+        create_store(tmp_path / "junk", _attrs())
+
+
+def test_plain_zarr_reads_the_documented_layout(tmp_path):
+    fs, image, labels = _synthetic(tmp_path / "s.zarr", np.random.default_rng(5))
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert root["train"].attrs["complete"] is True
+    np.testing.assert_array_equal(root["train/image"][:], image["train"].astype(np.float16))
+    assert root["train/label"].dtype == np.int32 and root["text/embeddings"].shape == (K, D)
+    assert root.attrs["classnames"] == fs.classnames and root["train/key"][0] == "train_000000"

@@ -1,0 +1,247 @@
+"""Phase A: exact text truncation and accumulation, checkpoints, resume after SIGKILL, DDP, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from stages.phase_a import PhaseAConfig, Towers, param_digest, run_phase_a, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(model="ballad-tiny", optimizer="adamw", lr=1e-3, weight_decay=0.05, workers=0, shuffle_buffer=50)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """117 train images over 30 classes (8 → 2 per class) in 3 shards; ~4 s per epoch of ballad-tiny on CPU."""
+    from stages.prepare import prepare_synthetic
+
+    return prepare_synthetic(tmp_path_factory.mktemp("pa") / "shapes", max_count=8, imbalance=4, test_per_class=1,
+                             val_per_class=1, shard_size=40)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "phase-a", *args]
+
+
+def cli_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "BALLAD_PROGRESS": "0", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.parametrize("name", ["ballad-tiny", "RN50"])
+def test_truncated_prompts_encode_exactly_like_the_full_context(name):
+    from pipeline.models import create_model
+    from pipeline.text import class_prompts, encode_text, tokenize_trimmed
+
+    torch.manual_seed(0)
+    bb = create_model(name)
+    prompts = class_prompts(["red circle", "a very long class name with many words in it", "x"], "a photo of a {}.")
+    short = tokenize_trimmed(bb.tokenizer, prompts)
+    full = bb.tokenizer(prompts)
+    assert short.shape[1] < full.shape[1]
+    with torch.no_grad():
+        diff = (encode_text(bb.model, short) - bb.model.encode_text(full)).abs().max().item()
+    assert diff < 1e-5
+
+
+def test_micro_batches_give_the_full_batch_gradient(tiny_backbone):
+    from pipeline.text import tokenize_trimmed
+
+    model = tiny_backbone.model
+    tokens = tokenize_trimmed(tiny_backbone.tokenizer, [f"a photo of a {c}." for c in ("cat", "dog", "red fox")])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g)
+    grads = []
+    for split in ([8], [2, 2, 4]):
+        model.zero_grad(set_to_none=True)
+        parts = list(zip(x.split(split), y.split(split)))
+        loss = train_step(Towers(model), tokens, parts, 14.3, torch.device("cpu"))
+        grads.append((loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    model.zero_grad(set_to_none=True)
+    (loss_full, full), (loss_acc, acc) = grads
+    assert loss_full == pytest.approx(loss_acc, abs=1e-5)
+    assert len(full) == len(acc) and any(g.abs().sum() > 0 for g in full)
+    assert max((a - b).abs().max().item() for a, b in zip(full, acc)) < 1e-5
+
+
+def test_resumed_epoch_continues_the_same_sample_order(small_data, tiny_backbone):
+    from stages.phase_a_data import train_batches
+    from store.shards import load_dataset
+
+    urls = load_dataset(small_data).urls("train")
+    for workers in (0, 2):
+        def keys(consumed, n):
+            it = train_batches(urls, tiny_backbone.eval_transform, seed=3, epoch=1, micro_batch=4, workers=workers,
+                               shuffle_buffer=20, distributed=False, consumed=consumed)
+            return [list(next(it)[0]) for _ in range(n)]
+
+        assert keys(0, 8)[5:] == keys(5, 3)
+        assert keys(0, 3) != keys(5, 3)
+
+
+def test_train_writes_log_checkpoints_and_an_open_clip_state_dict(small_data, tmp_path):
+    from pipeline.models import create_model
+    from pipeline.runtime import seed_everything, sha256_file
+
+    out = tmp_path / "run"
+    final = run_phase_a(PhaseAConfig(data=str(small_data), out=str(out), epochs=2, batch_size=16, eval_every=1,
+                                     eval_samples=30, **TINY))
+    rows = read_log(out)
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "test_acc" in r]
+    assert [r["step"] for r in steps] == list(range(1, 15))  # ⌊117 / 16⌋ = 7 steps per epoch
+    lrs = [r["lr"] for r in steps]
+    assert lrs[:7] == [1e-3] * 7 and lrs[7:] == pytest.approx([5e-4] * 7)  # cosine, stepped per epoch
+    assert [r["epoch"] for r in evals] == [0, 1, 2] and all(r["images_per_s"] > 0 for r in steps)
+    assert sum(r["loss"] for r in steps[-4:]) < sum(r["loss"] for r in steps[:4])
+
+    meta = json.loads((out / "final.json").read_text())
+    assert meta["sha256"] == sha256_file(final) and meta["steps"] == 14 and meta["eval"] == evals[-1]
+    assert meta["rank_param_digests"] == [param_digest(torch.load(final, weights_only=True))]
+    trained = create_model("ballad-tiny", pretrained=str(final)).model.state_dict()
+    seed_everything(0)
+    init = create_model("ballad-tiny").model.state_dict()
+    assert torch.equal(trained["logit_scale"], init["logit_scale"])  # held fixed
+    assert not torch.equal(trained["visual.conv1.weight"], init["visual.conv1.weight"])
+    assert not torch.equal(trained["token_embedding.weight"], init["token_embedding.weight"])
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["step"] == 14 and last["config"]["epochs"] == 2 and "torch" in last["rng"]
+
+    with pytest.raises(UserError, match="--resume"):
+        run_phase_a(PhaseAConfig(data=str(small_data), out=str(out), epochs=2, batch_size=16, **TINY))
+    with pytest.raises(UserError, match="--lr 0.002: the run in .* used 0.001"):
+        run_phase_a(PhaseAConfig(data=str(small_data), out=str(out), epochs=2, batch_size=16, resume=True,
+                                 **{**TINY, "lr": 2e-3}))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_from_the_saved_step(small_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(small_data), "--model", "ballad-tiny", "--out", str(out), "--epochs", "1", "--batch-size",
+            "8", "--save-every", "2", "--optimizer", "adamw", "--lr", "1e-3", "--workers", "1"]
+    proc = subprocess.Popen(cli(*args), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert not (out / "final.pt").exists()
+    saved = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert 2 <= saved < 14
+    before = [r for r in read_log(out) if r["step"] <= saved]
+
+    done = subprocess.run(cli(*args, "--resume"), env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"at step {saved} of 14" in done.stderr
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == list(range(1, 15))  # each step once: no restart from 0, no gap
+    assert rows[:saved] == before
+    assert json.loads((out / "final.json").read_text())["steps"] == 14
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_a_single_process_run(small_data, tmp_path):
+    common = ["--data", str(small_data), "--model", "ballad-tiny", "--epochs", "2", "--batch-size", "16",
+              "--optimizer", "adamw", "--lr", "1e-3", "--workers", "0"]
+    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "pipeline.cli", "phase-a", *common, "--out", str(tmp_path / "ddp")],
+                           env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    single = subprocess.run(cli(*common, "--out", str(tmp_path / "single")), env=cli_env(), capture_output=True,
+                            text=True, timeout=300)
+    ddp_out = ddp.communicate(timeout=300)[0]
+    assert ddp.returncode == 0, ddp_out[-3000:]
+    assert single.returncode == 0, single.stderr[-2000:]
+
+    meta = json.loads((tmp_path / "ddp" / "final.json").read_text())
+    digests = meta["rank_param_digests"]
+    assert meta["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    assert digests[0] == param_digest(torch.load(tmp_path / "ddp" / "final.pt", weights_only=True))
+    a = [r["loss"] for r in read_log(tmp_path / "ddp")]
+    b = [r["loss"] for r in read_log(tmp_path / "single")]
+    assert len(a) == len(b) == 14  # the same 7 steps per epoch, each rank taking half of every batch
+    # Same initial model and recipe, other image order: per-epoch mean losses fall alike.
+    a1, a2, b1, b2 = sum(a[:7]) / 7, sum(a[7:]) / 7, sum(b[:7]) / 7, sum(b[7:]) / 7
+    assert a2 < a1 - 0.05 and b2 < b1 - 0.05
+    assert a1 == pytest.approx(b1, abs=0.35) and a2 == pytest.approx(b2, abs=0.35)
+
+
+def copy_data(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_input_gives_one_line_errors(small_data, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    def fails(match, data=small_data, **kw):
+        cfg = PhaseAConfig(data=str(data), out=str(tmp_path / "out"), **{**TINY, "epochs": 1, "batch_size": 16, **kw})
+        with pytest.raises(UserError, match=match) as e:
+            run_phase_a(cfg)
+        assert "\n" not in str(e.value)
+
+    fails("did you mean ballad-tiny", model="ballad-tiyn")
+    fails("--batch-size 500: larger than the 117", batch_size=500)
+    fails("--micro-batch 5: must divide the per-process batch of 16", micro_batch=5)
+    bad_ckpt = tmp_path / "other.pt"
+    torch.save({"logit_scale": torch.zeros(()), "visual.conv1.weight": torch.zeros(1)}, bad_ckpt)
+    fails("does not match architecture ballad-tiny", pretrained=str(bad_ckpt))
+
+    data = copy_data(small_data, tmp_path / "missing")
+    (data / "train" / "shard-000001.tar").unlink()
+    fails("shard-000001.tar: shard listed in dataset.json is missing", data=data)
+    (data / "train" / "shard-000001.tar").write_bytes(b"")
+    fails("shard-000001.tar: empty shard", data=data)
+
+    data = copy_data(small_data, tmp_path / "inconsistent")
+    meta = json.loads((data / "dataset.json").read_text())
+    counts = meta["splits"]["train"]["class_counts"]
+    counts[0], counts[1] = counts[0] - 1, counts[1] + 1
+    (data / "dataset.json").write_text(json.dumps(meta))
+    fails("split 'train' lists .* samples of class 0 .* but its shards hold", data=data)
+
+    result = CliRunner().invoke(main, ["phase-a", "--data", str(tmp_path / "nowhere"), "--model", "ballad-tiny"])
+    assert result.exit_code != 0 and result.output.startswith("Error: ") and result.output.count("\n") == 1
+
+
+def test_corrupt_samples_are_skipped_and_counted_or_fail_with_strict(small_data, tmp_path):
+    from store.shards import Sample, read_shard, write_shard
+
+    data = copy_data(small_data, tmp_path / "corrupt")
+    shard = data / "train" / "shard-000000.tar"
+    samples = list(read_shard(shard))
+    samples[0] = Sample(samples[0].key, samples[0].ext, b"not an image", samples[0].label)
+    write_shard(shard, samples)
+
+    with pytest.raises(UserError, match=f"sample '{samples[0].key}' .*unreadable") as e:
+        run_phase_a(PhaseAConfig(data=str(data), out=str(tmp_path / "strict"), epochs=1, batch_size=16, strict=True,
+                                 **{**TINY, "workers": 1}))
+    assert "\n" not in str(e.value)
+    run_phase_a(PhaseAConfig(data=str(data), out=str(tmp_path / "lenient"), epochs=1, batch_size=16, **TINY))
+    rows = read_log(tmp_path / "lenient")
+    assert len(rows) == 7 and rows[-1]["bad_samples"] >= 1
+
+
+def test_non_finite_loss_stops_with_a_clear_message(small_data, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(UserError, match="step 1: loss is nan; stopped without updating the weights"):
+        run_phase_a(PhaseAConfig(data=str(small_data), out=str(out), epochs=1, batch_size=16, logit_scale=1e39, **TINY))
+    assert not (out / "final.pt").exists() and not (out / "last.pt").exists()
