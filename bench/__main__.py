@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core); on a "
                         "machine shared with other jobs 1 can be far faster, as 2 threads wait on each other")
     args = parser.parse_args(argv)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by faiss's OpenMP when it loads
 
     import torch
 

@@ -21,26 +21,23 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_many(fns: dict[str, Callable[[], object]], device="cpu", repeat: int = 3,
-              warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each fn. Rounds are interleaved (a, b, a, b, …) so that load from
-    other processes on a shared machine falls on every contender alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(device)
+def time_many(fns: dict[str, Callable[[], object]], device="cpu", repeat: int = 3, warmup: int = 1,
+              before: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median seconds per call of each fn, ``before`` (untimed) ahead of every call. Rounds are
+    interleaved (a, b, a, b, …) so that load from other processes on a shared machine falls on every
+    contender alike."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
+    for r in range(warmup + repeat):
         for name, fn in fns.items():
+            if before is not None:
+                before()
+            sync(device)
             t0 = time.perf_counter()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def timeit(fn: Callable[[], object], device="cpu", repeat: int = 3, warmup: int = 1) -> float:
-    return time_many({"fn": fn}, device, repeat, warmup)["fn"]
 
 
 def machine(device="cpu") -> dict:

@@ -30,7 +30,7 @@ from store.shards import load_dataset
 
 DISTINCT = 64  # distinct JPEGs, cycled over the samples: decoding costs the same, generating far less
 SIZES = {
-    "quick": {"images": 96, "shard_size": 48, "workers": 2, "batch": {"RN50": 32, "ballad-tiny": 96}, "repeat": 2},
+    "quick": {"images": 48, "shard_size": 24, "workers": 2, "batch": {"RN50": 24, "ballad-tiny": 48}, "repeat": 2},
     "cpu": {"images": 512, "shard_size": 128, "workers": 2, "batch": {"RN50": 64, "ballad-tiny": 256}, "repeat": 3},
     "cuda": {"images": 4096, "shard_size": 256, "workers": min(16, os.cpu_count() or 1),
              "batch": {"RN50": 256, "ballad-tiny": 256}, "repeat": 3},
@@ -81,7 +81,8 @@ def measure(name: str, shards, tmp: Path, batch: int, workers: int, device, repe
         run_shards(writer, shards, backbone, dev, batch, workers, False)
         writer.finish(backbone.embed_dim)
 
-    t = time_many({"extract": extract_path, "model": model_only, "decode": decode}, device, repeat)
+    model_only()  # warm-up: decode() above already warmed the loader side
+    t = time_many({"extract": extract_path, "model": model_only, "decode": decode}, device, repeat, warmup=0)
     n = sum(len(x) for x in decoded)
     rate = {k: n / v for k, v in t.items()}
     return {"model": name, "images": n, "batch": batch, "workers": workers, "extract_img_s": rate["extract"],

@@ -74,7 +74,7 @@ def run(quick: bool, device) -> dict:
         split = data.lt_split(size["n"], data.IMAGENET_LT["classes"], backbone.embed_dim)
         rows.append(epoch_times(backbone, *split, micro, device, size["repeat"]))
     print_table(f"Phase B epoch, cached vs BALLAD-style ({device})",
-                [{k: r[k] for k in ("model", "N", "D", "K", "cached_epoch_s", "ballad_epoch_s", "speedup")} for r in rows])
+                [{c: r[c] for c in ("model", "N", "D", "K", "cached_epoch_s", "ballad_epoch_s", "speedup")} for r in rows])
     print("  BALLAD-style epochs are extrapolated from timed steps (see JSON: ballad_epoch)")
     summary = [check(f"Phase B cached vs BALLAD-style, {r['model']}", r["speedup"], 500, unit="×")
                for r in rows if r["model"] == "RN50"]

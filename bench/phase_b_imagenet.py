@@ -36,6 +36,20 @@ def matmul_step(batch: int, dim: int, classes: int, device):
     return step
 
 
+def profile(fn, device, top: int = 6) -> list[dict]:
+    """The ``top`` operators by self time (device time on CUDA) over one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    cuda = torch.device(device).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=acts) as prof:
+        fn()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events)
+    return [{"op": e.key, "self_ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total} for e in events[:top]]
+
+
 def run(quick: bool, device) -> dict:
     size, dev = sizes(SIZES, quick, device), torch.device(device)
     n, k, d = data.IMAGENET_LT["n"], data.IMAGENET_LT["classes"], data.IMAGENET_LT["dim"]
@@ -48,12 +62,15 @@ def run(quick: bool, device) -> dict:
     wall = time_many({"fit": lambda: fit(feats, labels, text, SCALE, cfg)}, device, repeat=1, warmup=0)["fit"]
     wall10 = wall * EPOCHS / cfg.epochs
     flop = step_flops(cfg.batch_size, d, k) * steps
+    sub = 20 * cfg.batch_size  # 20 steps are enough to see where a step's time goes
+    ops = profile(lambda: fit(feats[:sub], labels[:sub], text, SCALE, TrainConfig(epochs=1)), device)
     row = {"N": n, "D": d, "K": k, "epochs_run": cfg.epochs, "wall_10_epochs_s": wall10,
            "wall": "measured" if cfg.epochs == EPOCHS else f"extrapolated from {cfg.epochs} epochs",
            "achieved_gflops": flop / wall10 / 1e9, "matmul_gflops": flop / (per_step * steps) / 1e9,
            "floor_10_epochs_s": per_step * steps, "of_floor": per_step * steps / wall10, "steps": steps}
     print_table(f"Phase B at ImageNet-LT size, {EPOCHS} epochs ({device})",
-                [{k: row[k] for k in ("N", "K", "wall_10_epochs_s", "wall", "achieved_gflops", "matmul_gflops",
+                [{c: row[c] for c in ("N", "K", "wall_10_epochs_s", "wall", "achieved_gflops", "matmul_gflops",
                                       "floor_10_epochs_s", "of_floor")}])
+    print_table("where the time goes: top operators over 20 steps", ops)
     summary = [check(f"Phase B ImageNet-LT 10 epochs, {dev.type}", wall10, TARGET_S[dev.type], False, " s")]
-    return {"rows": [row], "summary": summary}
+    return {"rows": [row], "profile": ops, "summary": summary}

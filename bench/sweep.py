@@ -54,5 +54,5 @@ def run(quick: bool, device) -> dict:
            "ballad_sweep_s": ballad, "ballad": "extrapolated", "speedup": ballad / cached,
            "cached_epoch_s": per_epoch["cached_epoch_s"], "ballad_epoch_s": per_epoch["ballad_epoch_s"]}
     print_table(f"λ sweep, {len(LAMBDAS)} values × {EPOCHS} epochs, RN50 features ({device})",
-                [{k: row[k] for k in ("N", "K", "cached_sweep_s", "cached", "ballad_sweep_s", "ballad", "speedup")}])
+                [{c: row[c] for c in ("N", "K", "cached_sweep_s", "cached", "ballad_sweep_s", "ballad", "speedup")}])
     return {"rows": [row], "summary": [check("λ sweep cached vs BALLAD-style, RN50", row["speedup"], unit="×")]}

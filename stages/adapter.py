@@ -101,7 +101,7 @@ class Adapter(nn.Module):
 
 
 class CosineCrossEntropy(torch.autograd.Function):
-    """mean cross-entropy of logits norm(z) · Wᵀ, forward and backward in a few fused passes.
+    """Mean cross-entropy of the logits norm(z) · Wᵀ (W: the scaled classifier), in a few fused passes.
 
     The same value and gradients as ``F.cross_entropy(F.normalize(z, dim=-1) @ W.T, y)``; written
     by hand because Phase B's matrices are small enough that autograd's separate normalise,

@@ -39,7 +39,7 @@ def check_thresholds(many: int, few: int) -> None:
 
 def shot_accuracy(pred: np.ndarray, labels: np.ndarray, train_counts: np.ndarray, many: int = 100,
                   few: int = 20) -> tuple[dict, np.ndarray, np.ndarray]:
-    """({many, medium, few}: mean per-class accuracy or None, per-class accuracy [K] (NaN: untested), test counts [K])."""
+    """(group → mean per-class accuracy or None, per-class accuracy [K] (NaN: untested), test counts [K])."""
     k = len(train_counts)
     test_counts = np.bincount(labels, minlength=k)
     correct = np.bincount(labels, weights=(pred == labels), minlength=k)
@@ -55,8 +55,8 @@ def shot_accuracy(pred: np.ndarray, labels: np.ndarray, train_counts: np.ndarray
 def calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE in percent; bin b holds confidences in (b/bins, (b+1)/bins]."""
     which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
-    gap = np.bincount(which, weights=correct.astype(float), minlength=bins) - np.bincount(which, weights=conf, minlength=bins)
-    return float(100 * np.abs(gap).sum() / len(conf))
+    hits = np.bincount(which, weights=correct.astype(float), minlength=bins)
+    return float(100 * np.abs(hits - np.bincount(which, weights=conf, minlength=bins)).sum() / len(conf))
 
 
 def score(logits: torch.Tensor, labels: np.ndarray, train_counts: np.ndarray, many: int = 100, few: int = 20) -> dict:
@@ -66,8 +66,9 @@ def score(logits: torch.Tensor, labels: np.ndarray, train_counts: np.ndarray, ma
     top_p, top_c = top_p.cpu().numpy(), top_c.cpu().numpy()
     pred = top_c[:, 0]
     groups, acc, test_counts = shot_accuracy(pred, labels, train_counts, many, few)
-    metrics = {"top1": float(100 * np.mean(pred == labels)), "top5": float(100 * np.mean((top_c == labels[:, None]).any(1))),
-               **groups, "ece": calibration_error(top_p[:, 0].astype(np.float64), pred == labels),
+    metrics = {"top1": float(100 * np.mean(pred == labels)),
+               "top5": float(100 * np.mean((top_c == labels[:, None]).any(1))), **groups,
+               "ece": calibration_error(top_p[:, 0].astype(np.float64), pred == labels),
                "num_test": int(len(labels)), "num_classes": int(len(train_counts))}
     return {"metrics": metrics, "per_class": acc, "test_counts": test_counts, "top5": top_c, "scores": top_p}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,7 +27,7 @@ DTYPES = ("float16", "float32")
 
 
 def extract(ckpt: str, data, out, *, model: str | None = None, pretrained: str | None = None,
-            splits: list[str] | None = None, batch_size: int = 256, workers: int = 2, dtype: str = "float16",
+            splits: list[str] | None = None, batch_size: int = 256, workers: int | None = None, dtype: str = "float16",
             templates: str = "single", strict: bool = False, overwrite: bool = False, device: str | None = None) -> dict:
     """Extract features of ``splits`` of the shards in ``data`` into the store ``out``; resumes.
 
@@ -40,6 +41,9 @@ def extract(ckpt: str, data, out, *, model: str | None = None, pretrained: str |
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers {workers}: must be 0 (decode in the main process) or more")
+    workers = default_workers() if workers is None else workers
     dataset = load_dataset(data)
     splits = list(splits or dataset.splits)
     urls = {split: dataset.urls(split) for split in splits}  # names the missing split or shard
@@ -67,6 +71,12 @@ def extract(ckpt: str, data, out, *, model: str | None = None, pretrained: str |
         return done
     finally:
         cleanup(dist)
+
+
+def default_workers() -> int:
+    """Decoding processes per rank: the cores left beside each local rank's own process, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
 def _extract_split(group, split, urls, backbone, dev, dist, batch_size, workers, dtype, strict) -> int:
@@ -169,7 +179,7 @@ def split_transform(transform):
 def _uint8_hwc(img):
     import torch
 
-    return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8))
+    return torch.from_numpy(np.array(img, dtype=np.uint8))  # RGB already: the transform converts first
 
 
 def normalised(images, dev, normalize):
@@ -199,7 +209,7 @@ def run_shards(writer: SplitWriter, shards, backbone, dev, batch_size, workers, 
     store_dtype = getattr(torch, writer.dtype.name)
     per_image, normalize = split_transform(backbone.eval_transform)
     loader = make_loader(shards, per_image, batch_size, workers, strict, pin_memory=dev.type == "cuda")
-    pending: dict[int, list[_Batch | torch.Tensor]] = {}
+    pending: dict[int, list[tuple]] = {}  # shard -> (keys, labels, features) per batch so far
     bar = progress(total=len(shards), desc=f"extract {writer.split}", unit="shard")
     with torch.inference_mode():
         for b in loader:
@@ -285,6 +295,7 @@ def text_embeddings(backbone, classnames, templates, dev, batch: int = 256):
 
 def resolve_checkpoint(ckpt: str, model: str | None, pretrained: str | None):
     """(checkpoint path or None, model name, pretrained tag); checks --model against the checkpoint's final.json."""
+    pretrained = None if pretrained in ("none", "None", "") else pretrained
     if ckpt in ("none", "None", ""):
         if model is None:
             raise UserError("--model is required with --ckpt none")
@@ -303,7 +314,7 @@ def resolve_checkpoint(ckpt: str, model: str | None, pretrained: str | None):
             raise UserError(f"--model {model}: checkpoint {ckpt} is a {trained} (per {sidecar.name}); "
                             f"pass --model {trained}")
         model = model or trained
-        pretrained = pretrained or info.get("pretrained")
+        pretrained = pretrained or (None if info.get("pretrained") in ("none", "None", "") else info.get("pretrained"))
     if model is None:
         raise UserError(f"--model is required: {ckpt} has no {sidecar.name} naming its architecture")
     return path, model, pretrained

@@ -124,7 +124,8 @@ def train_step(net, tokens, micro_batches, scale: float, device) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, tokens, urls, transform, device, *, batch: int, workers: int, limit: int, train_counts) -> dict:
+def evaluate(model, tokens, urls, transform, device, *, batch: int, workers: int, limit: int, train_counts,
+             channels_last: bool = False) -> dict:
     """Top-1 accuracy on the first ``limit`` samples of ``urls``, overall and per shot group."""
     model.eval()
     k = len(train_counts)
@@ -133,7 +134,7 @@ def evaluate(model, tokens, urls, transform, device, *, batch: int, workers: int
     correct, seen = torch.zeros(k), torch.zeros(k)
     for images, labels in eval_batches(urls, transform, batch=batch, workers=workers, limit=limit):
         with autocast(device):
-            image = model.encode_image(_to_device(images, device, model))
+            image = model.encode_image(_to_device(images, device, channels_last))
         pred = (F.normalize(image.float(), dim=-1) @ text.T).argmax(1).cpu()
         seen += torch.bincount(labels, minlength=k)
         correct += torch.bincount(labels[pred == labels], minlength=k)
@@ -146,11 +147,9 @@ def evaluate(model, tokens, urls, transform, device, *, batch: int, workers: int
     return row
 
 
-def _to_device(images, device, model):
+def _to_device(images, device, channels_last: bool):
     images = images.to(device, non_blocking=True)
-    if device.type == "cuda" and _is_resnet(model):
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 def _is_resnet(model) -> bool:
@@ -195,8 +194,13 @@ def _check_options(cfg: PhaseAConfig, world: int) -> None:
         raise UserError(f"--micro-batch {cfg.micro_batch}: must divide the per-process batch of {per_rank}")
 
 
-def _load_resume(cfg: PhaseAConfig, path: Path, fingerprint: str):
-    """last.pt if this run continues one, else None. A checkpoint is untrusted input: weights_only=True."""
+def resume_state(cfg: PhaseAConfig, path: Path, fingerprint: str):
+    """The contents of last.pt when this run continues it, else None. Loaded with weights_only=True.
+
+    ``--resume`` continues only a run with the same RESUME_KEYS settings and dataset. When they
+    changed (``dvc repro`` after a params edit) it warns and starts over. Without ``--resume``, an
+    existing run is never overwritten.
+    """
     if not path.exists():
         if cfg.resume:
             log.info("--resume: no %s yet, starting from step 0", path)
@@ -207,13 +211,15 @@ def _load_resume(cfg: PhaseAConfig, path: Path, fingerprint: str):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved = ckpt["config"]
     except Exception as e:  # any failure means the same thing: the file is not a checkpoint we can use
-        raise UserError(f"{path}: unreadable checkpoint ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
-    for key in RESUME_KEYS:
-        if saved.get(key) != getattr(cfg, key):
-            raise UserError(f"--{key.replace('_', '-')} {getattr(cfg, key)}: the run in {path} used {saved.get(key)}; "
-                            "resume with the same value or choose another --out")
+        raise UserError(f"{path}: unreadable checkpoint ({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); "
+                        "delete it to start over") from None
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} → {getattr(cfg, k)}"
+               for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
     if ckpt.get("dataset_fingerprint") != fingerprint:
-        raise UserError(f"{path}: was trained on another dataset than --data {cfg.data} (fingerprints differ)")
+        changed.append(f"--data {cfg.data} is another dataset")
+    if changed:
+        log.warning("%s is a run with other settings (%s): starting a new run from step 0", path, "; ".join(changed))
+        return None
     return ckpt
 
 
@@ -249,6 +255,24 @@ def run_phase_a(cfg: PhaseAConfig) -> Path:
         cleanup(dist)
 
 
+def _build_model(cfg: PhaseAConfig, device):
+    """The backbone set up for training (fixed logit scale); also says whether images go channels_last."""
+    seed_everything(cfg.seed)
+    bb = create_model(cfg.model, cfg.pretrained, device=device)
+    model = bb.model
+    if cfg.logit_scale is not None:
+        model.logit_scale.data.fill_(math.log(cfg.logit_scale))
+    model.logit_scale.requires_grad_(False)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)  # transformer towers only; open_clip's ResNet ignores it
+    channels_last = device.type == "cuda" and _is_resnet(model)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return bb, channels_last
+
+
 def _train(cfg, info, urls, test_urls, dist) -> Path:
     world = dist.world_size
     _check_options(cfg, world)
@@ -271,21 +295,10 @@ def _train(cfg, info, urls, test_urls, dist) -> Path:
             stale.unlink()  # a checkpoint write cut short by a kill; the file it was replacing is intact
     last_path, log_path = out / "last.pt", out / "train_log.jsonl"
     device = device_for(dist, cfg.device)
-    ckpt = _load_resume(cfg, last_path, info.fingerprint)
+    ckpt = resume_state(cfg, last_path, info.fingerprint)
 
-    seed_everything(cfg.seed)
-    bb = create_model(cfg.model, cfg.pretrained, device=device)
-    model = bb.model
-    if cfg.logit_scale is not None:
-        model.logit_scale.data.fill_(math.log(cfg.logit_scale))
-    model.logit_scale.requires_grad_(False)
-    scale = float(model.logit_scale.exp())
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        if _is_resnet(model):
-            model.to(memory_format=torch.channels_last)
+    bb, channels_last = _build_model(cfg, device)
+    model, scale = bb.model, float(bb.model.logit_scale.exp())
     tokens = tokenize_trimmed(bb.tokenizer, class_prompts(info.classnames, info.template)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -330,7 +343,8 @@ def _train(cfg, info, urls, test_urls, dist) -> Path:
     def run_eval(epoch):
         if dist.is_main:
             row = evaluate(model, tokens, test_urls, bb.eval_transform, device, batch=micro, workers=cfg.workers,
-                           limit=cfg.eval_samples, train_counts=info.split("train").class_counts)
+                           limit=cfg.eval_samples, train_counts=info.split("train").class_counts,
+                           channels_last=channels_last)
             log.info("epoch %d: test accuracy %.4f (many %s, medium %s, few %s)", epoch, row["test_acc"],
                      row["many"], row["medium"], row["few"])
             log_row({"step": step, "epoch": epoch, **row})
@@ -351,12 +365,13 @@ def _train(cfg, info, urls, test_urls, dist) -> Path:
             micro_batches = [next(batches) for _ in range(accum)]
         except UserError as e:  # --strict and a bad sample
             raise _loader_error(e) from None
-        for keys, _, labels in micro_batches:
-            if labels.max() >= info.num_classes:
-                i = int(labels.argmax())
+        for keys, _, labels in micro_batches:  # remote shards are not checked up front
+            outside = ((labels < 0) | (labels >= info.num_classes)).nonzero()
+            if len(outside):
+                i = int(outside[0])
                 raise UserError(f"sample '{keys[i]}': label {int(labels[i])} is outside the {info.num_classes} "
                                 f"classes of {info.root / 'dataset.json'}")
-        loss = train_step(net, tokens, [(_to_device(x, device, model), y.to(device, non_blocking=True))
+        loss = train_step(net, tokens, [(_to_device(x, device, channels_last), y.to(device, non_blocking=True))
                                         for _, x, y in micro_batches], scale, device)
         stats = torch.tensor([loss, bad.value], device=device)
         if dist.enabled:

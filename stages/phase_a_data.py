@@ -9,17 +9,13 @@ one the interrupted run would have seen when the number of ranks and workers is 
 """
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import tarfile
-from itertools import islice
 from pathlib import Path
 
 from pipeline.errors import UserError
 from store.shards import DATASET_FILE, decode_label
 from store.stream import sample_stream
-
-log = logging.getLogger("ballad.phase_a")
 
 
 def check_shards(info, split: str) -> list[str]:
@@ -122,13 +118,15 @@ def train_batches(urls, transform, *, seed: int, epoch: int, micro_batch: int, w
 
 
 def eval_batches(urls, transform, *, batch: int, workers: int, limit: int):
-    """(images, labels) batches of the first ``limit`` samples of an evaluation split, in stored order."""
+    """(images, labels) batches of the first ``limit`` samples of an evaluation split, in a fixed order."""
     import torch
 
-    stream = sample_stream(urls, transform, split_by_worker=True)
-    loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=min(workers, len(urls)))
+    loader = torch.utils.data.DataLoader(sample_stream(urls, transform), batch_size=batch,
+                                         num_workers=min(workers, len(urls)))
     seen = 0
-    for _, images, labels in islice(loader, -(-limit // batch)):
+    for _, images, labels in loader:
         take = min(len(labels), limit - seen)
         yield images[:take], labels[:take]
         seen += take
+        if seen >= limit:
+            return

@@ -119,6 +119,12 @@ class UnreadableImage(Exception):
     pass
 
 
+def _shuffled(specs: list[Spec], seed: int) -> list[Spec]:
+    """Train samples in a seeded random order: split lists and CIFAR come sorted by class, and a
+    shuffle buffer of a few thousand samples cannot mix shards that each hold one class."""
+    return [specs[i] for i in np.random.default_rng(seed).permutation(len(specs))]
+
+
 def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -235,7 +241,7 @@ def _file_loader(path: Path):
     return load
 
 
-def prepare_lists(out, root, train_list, test_list, val_list=None, classes=None, name=None,
+def prepare_lists(out, root, train_list, test_list, val_list=None, classes=None, name=None, seed: int = 0,
                   shard_size: int = 1000, skip_bad: bool = False, overwrite: bool = False) -> Path:
     root = Path(root)
     if not root.is_dir():
@@ -258,8 +264,9 @@ def prepare_lists(out, root, train_list, test_list, val_list=None, classes=None,
             if not (root / rel).is_file():
                 raise UserError(f"{lists[split]}: image '{rel}' not found under {root}")
         splits[split] = [Spec(_key(rel), lab, _file_loader(root / rel)) for rel, lab in es]
+    splits["train"] = _shuffled(splits["train"], seed)
     digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in lists.values()]
-    fp = _fingerprint("lists", str(root.resolve()), digests, names, shard_size)
+    fp = _fingerprint("lists", str(root.resolve()), digests, names, seed, shard_size)
     return write_dataset(out, name or Path(train_list).stem.split("_")[0], names, splits, fp,
                          shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite)
 
@@ -310,6 +317,6 @@ def prepare_cifar100_lt(out, archive, imbalance: float = 100.0, seed: int = 0, s
         labels = d[b"fine_labels"]
         return [Spec(f"{split}_{i:05d}", int(labels[i]), (lambda a=data[i]: ("png", _png(a)))) for i in indices]
 
-    splits = {"train": specs(train, keep, "train"), "test": specs(test, range(len(test[b"fine_labels"])), "test")}
+    splits = {"train": _shuffled(specs(train, keep, "train"), seed), "test": specs(test, range(len(test[b"fine_labels"])), "test")}
     fp = _fingerprint("cifar100-lt", imbalance, seed, shard_size, hashlib.sha256(archive.read_bytes()).hexdigest())
     return write_dataset(out, f"cifar100-lt-r{imbalance:g}", names, splits, fp, shard_size=shard_size, overwrite=overwrite)

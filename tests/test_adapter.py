@@ -154,7 +154,8 @@ def test_cli_adapter_evaluate_and_errors(lt_store, tmp_path):
                              "--out", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output
     assert set(json.loads((tmp_path / "rep" / "metrics.json").read_text())) >= {"top1", "few", "ece"}
-    for args, message in [(["adapter", "--features", str(lt_store), "--lambda", "1.5", "--out", str(model)], "--lambda 1.5"),
+    for args, message in [(["adapter", "--features", str(lt_store), "--lambda", "1.5", "--out", str(model)],
+                           "--lambda 1.5"),
                           (["adapter", "--features", str(tmp_path / "nope.zarr"), "--out", str(model)], "nope.zarr"),
                           (["evaluate", "--features", str(lt_store), "--adapter", str(tmp_path / "x.pt"),
                             "--out", str(tmp_path / "r")], "x.pt")]:

@@ -88,7 +88,8 @@ def test_logit_adjustment_subtracts_the_log_prior(lt_store, tmp_path):
     feats, _ = store.features("test")
     f = torch.nn.functional.normalize(torch.from_numpy(feats).float(), dim=-1)
     prior = store.train_class_counts / store.train_class_counts.sum()
-    logits = store.logit_scale * f @ torch.from_numpy(store.text_embeddings()).T - 2.0 * torch.from_numpy(np.log(prior)).float()
+    log_prior = torch.from_numpy(np.log(prior)).float()
+    logits = store.logit_scale * f @ torch.from_numpy(store.text_embeddings()).T - 2.0 * log_prior
     base = evaluate(lt_store, tmp_path / "plain")
     adjusted = evaluate(lt_store, tmp_path / "la", logit_adjust=2.0)
     top = np.load(tmp_path / "la" / "predictions.npz")["top5"][:, 0]

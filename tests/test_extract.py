@@ -183,7 +183,7 @@ def test_interrupted_runs_resume_to_identical_store(reference, tiny_data, ckpt, 
 def test_two_torchrun_ranks_match_one_process(reference, tiny_data, ckpt, tmp_path):
     out = tmp_path / "ranks.zarr"
     args = ["--ckpt", str(ckpt), "--data", str(tiny_data), "--out", str(out), "--batch-size", "32",
-            "--workers", "1", "--device", "cpu"]
+            "--workers", "0", "--device", "cpu"]
     rc, log = _child(tmp_path, "plain", args, world_size=2)
     assert rc == [0, 0], log
     _same_store(reference, out)
@@ -267,12 +267,9 @@ def test_template_file_is_checked_line_by_line(tmp_path):
         resolve_templates("fancy", "x {}")
 
 
-def test_documented_plain_zarr_example(reference):
-    import zarr
-
-    root = zarr.open_group(str(reference), mode="r")
-    assert root["train"].attrs["complete"]
-    x, y, keys = root["train/image"][:], root["train/label"][:], root["train/key"][:]
-    text = root["text/embeddings"][:]
-    logits = root.attrs["logit_scale"] * (x / np.linalg.norm(x, axis=1, keepdims=True)) @ text.T
-    assert logits.shape == (len(y), len(root.attrs["classnames"])) and len(keys) == len(y)
+def test_documented_plain_zarr_example(reference, capsys):
+    doc = (Path(__file__).parents[1] / "docs" / "feature-store.md").read_text()
+    example = doc.split("With plain zarr")[1].split("```python\n")[1].split("```")[0]
+    assert len(example.strip().splitlines()) == 5
+    exec(example.replace("features/phase_a.zarr", str(reference)), {})
+    assert 0 <= float(capsys.readouterr().out) <= 1

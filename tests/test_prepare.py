@@ -84,10 +84,12 @@ def test_list_round_trip_is_byte_identical(places_like, tmp_path):
     out = prepare_lists(tmp_path / "out", root, train, test)
     info = load_dataset(out)
     assert info.classnames == ["air field", "bakery"] and info.name == "Places"
-    samples = _all_samples(out, "train")
+    samples = sorted(_all_samples(out, "train"), key=lambda s: s.key)
     assert [s.label for s in samples] == [0, 0, 0, 1, 1]
     assert samples[0].key == "train/air_field/00000000" and samples[0].ext == "jpg"
     assert samples[0].image == (root / "train/air_field/00000000.jpg").read_bytes()  # copied, not re-encoded
+    test = _all_samples(out, "test")
+    assert [s.key for s in test] == ["val/a", "val/b"]  # evaluation splits keep the list's order
 
 
 def test_list_classes_file_and_imagenet_names(places_like, tmp_path):

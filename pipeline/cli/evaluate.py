@@ -10,7 +10,8 @@ split_opt = click.option("--split", default="test", show_default=True)
 
 def thresholds(f):
     f = click.option("--few-threshold", default=20, show_default=True, help="Few: fewer train images than this.")(f)
-    return click.option("--many-threshold", default=100, show_default=True, help="Many: more train images than this.")(f)
+    return click.option("--many-threshold", default=100, show_default=True,
+                        help="Many: more train images than this.")(f)
 
 
 def _fmt(value):
@@ -66,7 +67,7 @@ def sweep(features, lambdas, epochs, lr, batch_size, sampler, form, position, se
     rows = run(features, out, values, cfg, split=split, many=many_threshold, few=few_threshold, device=device)
     click.echo(f"{'λ':>5} {'top-1':>7} {'many':>7} {'medium':>7} {'few':>7}")
     for r in rows:
-        click.echo(f"{r['lambda']:>5g} {_fmt(r['top1']):>7} {_fmt(r['many']):>7} {_fmt(r['medium']):>7} {_fmt(r['few']):>7}")
+        click.echo(f"{r['lambda']:>5g}" + "".join(f" {_fmt(r[k]):>7}" for k in ("top1", "many", "medium", "few")))
     click.echo(f"→ {out}")
 
 

@@ -1,6 +1,4 @@
 """`ballad-pipe extract`: a frozen CLIP → the zarr feature store (see docs/feature-store.md)."""
-import os
-
 import click
 
 
@@ -12,8 +10,8 @@ import click
 @click.option("--pretrained", help="open_clip weight tag (with --ckpt none), recorded as provenance otherwise.")
 @click.option("--splits", help="Comma-separated splits; default: all of the dataset's.")
 @click.option("--batch-size", default=256, show_default=True)
-@click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True,
-              help="DataLoader processes decoding shards (per rank).")
+@click.option("--workers", type=int, help="DataLoader processes decoding shards, per rank "
+                                         "(default: the free cores, at most 8; 0 decodes in the main process).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of image features.")
 @click.option("--templates", default="single", show_default=True,

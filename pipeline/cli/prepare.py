@@ -39,15 +39,16 @@ def synthetic(out, imbalance, seed, max_count, test_per_class, val_per_class, im
 @click.option("--classes", help="Class names file (one per line, index = line) or `imagenet`; "
                                 "default: the train list's folder names.")
 @click.option("--name", help="Dataset name (default: from the train list's file name).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the train split's shuffled order.")
 @out
 @shard_size
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (each key is reported) instead of failing.")
 @overwrite
-def list_(root, train_list, test_list, val_list, classes, name, out, shard_size, skip_bad, overwrite):
+def list_(root, train_list, test_list, val_list, classes, name, seed, out, shard_size, skip_bad, overwrite):
     """ImageNet-LT / Places-LT style split lists."""
     from stages.prepare import prepare_lists
 
-    path = prepare_lists(out, root, train_list, test_list, val_list=val_list, classes=classes, name=name,
+    path = prepare_lists(out, root, train_list, test_list, val_list=val_list, classes=classes, name=name, seed=seed,
                          shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite)
     click.echo(f"wrote {path}")
 
