@@ -1,7 +1,10 @@
 """Synthetic cached features at any size: class-conditional Gaussians with long-tailed class counts.
 
 Timing depends on the shapes, not on what the features mean, so the benchmarks generate stores of
-ImageNet-LT size (115,846 × 1024, 1,000 classes) and beyond instead of extracting them.
+ImageNet-LT size (115,846 × 1024, 1,000 classes) and beyond instead of extracting them. One thing
+about the values does matter: like CLIP's, a feature's cosine with its class text is about 0.3 and
+with other classes about 0, so logits (scale 100) spread over tens, not hundreds. Far-apart logits
+put log-softmax outputs below −87, where the backward's exp takes a ~15× slower path on CPU.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 
 IMAGENET_LT = {"n": 115_846, "classes": 1000, "dim": 1024, "test_per_class": 50}  # RN50 features
 IMBALANCE = 256.0  # ImageNet-LT's 1280 / 5
+COSINE = 0.3  # a CLIP image feature's typical cosine with its own class text
 
 
 def lt_counts(n: int, num_classes: int, imbalance: float = IMBALANCE) -> np.ndarray:
@@ -40,7 +44,8 @@ def features(counts, dim: int, seed: int = 0, split: int = 0, chunk: int = 65536
     feats = torch.empty(len(labels), dim, dtype=torch.float16)
     for i in range(0, len(labels), chunk):  # in chunks: a float32 temporary of 1M × 1024 would take 4 GB
         y = labels[i:i + chunk]
-        feats[i:i + chunk] = 10 * (means[y] + 0.5 * torch.randn(len(y), dim, generator=gen) / dim ** 0.5)
+        noise = torch.randn(len(y), dim, generator=gen) / dim ** 0.5  # nearly unit, nearly orthogonal to the means
+        feats[i:i + chunk] = 10 * (COSINE * means[y] + (1 - COSINE ** 2) ** 0.5 * noise)
     return feats, labels
 
 

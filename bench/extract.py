@@ -7,7 +7,9 @@ JPEGs (500 × 375, as ImageNet's typical photo), side by side:
 - model: the same forward (inference mode, autocast on CUDA, float16 out) on tensors decoded beforehand.
 - decode: the same loader without the model: read, decode, resize, crop, normalise.
 
-The extract path cannot beat the slower of the other two; ``of_bound`` says how close it gets.
+``of_bound`` says how close the extract path gets to what the other two allow: on a GPU the model
+and the decoding workers run in parallel, so the bound is the slower of the two; on CPU they share the
+cores, so it is both done one after the other, 1 / (1/model + 1/decode).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from store.shards import load_dataset
 
 DISTINCT = 64  # distinct JPEGs, cycled over the samples: decoding costs the same, generating far less
 SIZES = {
-    "quick": {"images": 48, "shard_size": 24, "workers": 2, "batch": {"RN50": 24, "ballad-tiny": 48}, "repeat": 2},
+    "quick": {"images": 32, "shard_size": 16, "workers": 2, "batch": {"RN50": 16, "ballad-tiny": 32}, "repeat": 2},
     "cpu": {"images": 512, "shard_size": 128, "workers": 2, "batch": {"RN50": 64, "ballad-tiny": 256}, "repeat": 3},
     "cuda": {"images": 4096, "shard_size": 256, "workers": min(16, os.cpu_count() or 1),
              "batch": {"RN50": 256, "ballad-tiny": 256}, "repeat": 3},
@@ -85,10 +87,12 @@ def measure(name: str, shards, tmp: Path, batch: int, workers: int, device, repe
     t = time_many({"extract": extract_path, "model": model_only, "decode": decode}, device, repeat, warmup=0)
     n = sum(len(x) for x in decoded)
     rate = {k: n / v for k, v in t.items()}
+    bound = (min(rate["model"], rate["decode"]) if dev.type == "cuda"
+             else 1 / (1 / rate["model"] + 1 / rate["decode"]))
     return {"model": name, "images": n, "batch": batch, "workers": workers, "extract_img_s": rate["extract"],
             "model_img_s": rate["model"], "decode_img_s": rate["decode"],
             "extract_vs_model": rate["extract"] / rate["model"], "extract_vs_decode": rate["extract"] / rate["decode"],
-            "of_bound": rate["extract"] / min(rate["model"], rate["decode"])}
+            "of_bound": rate["extract"] / bound}
 
 
 def run(quick: bool, device) -> dict:
@@ -99,5 +103,5 @@ def run(quick: bool, device) -> dict:
                 for name, batch in size["batch"].items()]
     print_table(f"extraction, images/s, {size['images']} JPEGs 500×375 ({device})", rows)
     summary = [check(f"extract vs model-only forward, {r['model']}", r["extract_vs_model"], 0.9) for r in rows]
-    summary += [check(f"extract vs min(model, decode), {r['model']}", r["of_bound"]) for r in rows]
+    summary += [check(f"extract vs its bound (model and decode), {r['model']}", r["of_bound"]) for r in rows]
     return {"rows": rows, "summary": summary}

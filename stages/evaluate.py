@@ -16,7 +16,6 @@ the train class prior (a class without train samples counts as one sample).
 from __future__ import annotations
 
 import csv
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,6 @@ from pipeline.errors import UserError
 from pipeline.runtime import atomic_path, pick_device, write_json
 from stages.adapter import Adapter, embed_all, load_adapter
 from stages.knn import KnnConfig, knn_logits
-
-log = logging.getLogger("ballad.evaluate")
 
 ECE_BINS = 15
 

@@ -58,11 +58,11 @@ def render(label: int, seed: int, split: str, index: int, size: int = 32) -> byt
     scale = 4  # draw large and downsample for anti-aliased edges
     S = size * scale
     bg = rng.integers(60, 200)
-    noise = rng.normal(0, 18, (S // scale, S // scale, 3))
+    noise = rng.normal(0, 12, (S // scale, S // scale, 3))
     base = np.clip(bg + rng.integers(-30, 30, 3) + noise, 0, 255).astype(np.uint8)
     img = Image.fromarray(base).resize((S, S), Image.NEAREST)
     draw = ImageDraw.Draw(img)
-    r = S * rng.uniform(0.18, 0.34)
+    r = S * rng.uniform(0.26, 0.40)
     cx, cy = rng.uniform(r, S - r, 2)
     colour = tuple(int(np.clip(v + rng.integers(-35, 36), 0, 255)) for v in COLOURS[colour_name])
     if shape == "circle":
