@@ -220,7 +220,7 @@ def test_bad_input_is_refused_with_one_line(tiny_data, ckpt, reference, tmp_path
     with pytest.raises(UserError, match="--model is required"):
         extract("none", tiny_data, tmp_path / "f.zarr")
     state = torch.load(ckpt, weights_only=True)
-    state["visual.proj"] = state["visual.proj"][:, :3]
+    state["text_projection"] = state["text_projection"][:, :3]
     torch.save(state, tmp_path / "wrong.pt")
     with pytest.raises(UserError, match="does not match architecture ballad-tiny"):
         extract(str(tmp_path / "wrong.pt"), tiny_data, tmp_path / "f.zarr", model="ballad-tiny")
