@@ -19,10 +19,11 @@ from stages.knn import search
 
 D, K_FIXED, TOPK = 1024, 1000, 10
 SIZES = {
-    "quick": {"n": [10_000, 30_000, 60_000], "k": [100, 1000, 10_000], "n_for_k": 20_000,
-              "knn_n": [10_000, 100_000], "queries": 500},
+    "quick": {"n": [10_000, 30_000, 60_000], "k": [100, 1000, 10_000], "n_for_k": 10_000,
+              "knn_n": [10_000, 50_000], "queries": 500, "repeat": 2},
     "cpu": {"n": [10_000, 30_000, 100_000, 300_000, 1_000_000], "k": [100, 300, 1000, 3000, 10_000],
-            "n_for_k": data.IMAGENET_LT["n"], "knn_n": [10_000, 100_000, 300_000, 1_000_000], "queries": 1000},
+            "n_for_k": data.IMAGENET_LT["n"], "knn_n": [10_000, 100_000, 300_000, 1_000_000], "queries": 1000,
+            "repeat": 3},
 }
 SIZES["cuda"] = SIZES["cpu"]
 
@@ -74,7 +75,7 @@ def scale_knn(size, device) -> list[dict]:
         db = F.normalize(feats[:n].float(), dim=1)
         dbd, qd = db.to(device), queries.to(device)
         t = time_many({"faiss": lambda: search(db, queries, TOPK), "torch": lambda: torch_knn(dbd, qd, TOPK)},
-                      device, repeat=3)
+                      device, size["repeat"])
         same = (search(db, queries, TOPK)[1] == torch_knn(dbd, qd, TOPK)[1].cpu()).float().mean().item()
         rows.append({"N": n, "queries": len(queries), "k": TOPK, "faiss_s": t["faiss"], "torch_s": t["torch"],
                      "torch_vs_faiss": t["faiss"] / t["torch"], "same_neighbours": same})

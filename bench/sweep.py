@@ -24,9 +24,11 @@ from stages.sweep import sweep
 LAMBDAS = [i / 10 for i in range(11)]
 EPOCHS = 10
 SIZES = {
-    "quick": {"n": 16_384, "test_per_class": 5, "epochs": 1, "micro": 16, "repeat": 3},
-    "cpu": {"n": data.IMAGENET_LT["n"], "test_per_class": 50, "epochs": 2, "micro": 64, "repeat": 3},
-    "cuda": {"n": data.IMAGENET_LT["n"], "test_per_class": 50, "epochs": EPOCHS, "micro": 512, "repeat": 3},
+    "quick": {"n": 16_384, "test_per_class": 5, "epochs": 1, "micro": 16, "text_prompts": 8, "repeat": 2},
+    "cpu": {"n": data.IMAGENET_LT["n"], "test_per_class": 50, "epochs": 2, "micro": 64, "text_prompts": 64,
+            "repeat": 3},
+    "cuda": {"n": data.IMAGENET_LT["n"], "test_per_class": 50, "epochs": EPOCHS, "micro": 512, "text_prompts": 1000,
+             "repeat": 3},
 }
 
 
@@ -37,7 +39,7 @@ def run(quick: bool, device) -> dict:
     train = data.features(data.lt_counts(size["n"], k), backbone.embed_dim)
     test = data.features(np.full(k, size["test_per_class"]), backbone.embed_dim, split=1)
     text = data.text_embeddings(k, backbone.embed_dim)
-    per_epoch = epoch_times(backbone, *train, text, size["micro"], device, size["repeat"])
+    per_epoch = epoch_times(backbone, *train, text, size["micro"], size["text_prompts"], device, size["repeat"])
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "features.zarr"
         data.write(store, {"train": train, "test": test}, text)
