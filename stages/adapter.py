@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.runtime import atomic_path, pick_device, progress
+from pipeline.runtime import atomic_path, cpu_threads_for, pick_device, progress
 from stages.samplers import SAMPLERS, EpochSampler
 
 log = logging.getLogger("ballad.adapter")
@@ -165,18 +165,20 @@ def fit(feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: fl
         step = cuda_graph(step, model, opt, cfg.batch_size, device)
     losses = []
     bar = progress(range(cfg.epochs), desc=desc, unit="epoch")
-    for epoch in bar:
-        # cosine annealing to 0, stepped once per epoch like the official code's scheduler
-        rate = cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
-        if torch.is_tensor(lr):
-            lr.fill_(rate)
-        else:
-            opt.param_groups[0]["lr"] = rate
-        total.zero_()
-        for idx in sampler.epoch(epoch, cfg.epochs):
-            step(idx)
-        losses.append(total.item() / sampler.steps)  # the one host sync per epoch
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    dim, classes = feats.shape[1], text.shape[0]
+    with cpu_threads_for(6 * cfg.batch_size * dim * (dim + classes), device):  # fwd + bwd of both products
+        for epoch in bar:
+            # cosine annealing to 0, stepped once per epoch like the official code's scheduler
+            rate = cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+            if torch.is_tensor(lr):
+                lr.fill_(rate)
+            else:
+                opt.param_groups[0]["lr"] = rate
+            total.zero_()
+            for idx in sampler.epoch(epoch, cfg.epochs):
+                step(idx)
+            losses.append(total.item() / sampler.steps)  # the one host sync per epoch
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
     return model.eval(), losses
 
 
