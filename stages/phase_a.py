@@ -405,6 +405,17 @@ def _train(cfg, info, urls, test_urls, dist) -> Path:
     return _finish(cfg, info, model, out, dist, rows, total, steps_per_epoch, scale, bad_before + int(stats[1]))
 
 
+def _write_loss_csv(path: Path, rows: list[dict]) -> None:
+    """The training rows of train_log.jsonl as CSV: `dvc plots` reads CSV and JSON, not JSON lines."""
+    import csv
+
+    fields = ("step", "epoch", "loss", "lr", "images_per_s")
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(r for r in rows if "loss" in r)
+
+
 def _finish(cfg, info, model, out, dist, rows, steps, steps_per_epoch, scale, bad_samples) -> Path:
     """Write final.pt (a plain state dict open_clip loads) and then final.json; check the ranks agree."""
     state = model.state_dict()
@@ -420,6 +431,7 @@ def _finish(cfg, info, model, out, dist, rows, steps, steps_per_epoch, scale, ba
         with atomic_path(final) as tmp:
             torch.save(state, tmp)
         evals = [r for r in rows if "test_acc" in r]
+        _write_loss_csv(out / "train_log.csv", rows)
         write_json(out / "final.json", {
             "model": cfg.model, "pretrained": cfg.pretrained,
             "dataset": {"name": info.name, "fingerprint": info.fingerprint, "path": str(info.root)},

@@ -62,6 +62,11 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_backbone):
     from pipeline.text import tokenize_trimmed
 
     model = tiny_backbone.model
+    # BatchNorm in train mode normalises each micro-batch by its own statistics, as in any gradient
+    # accumulation; with frozen statistics the accumulated gradient must equal the full batch's.
+    batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in batchnorms:
+        m.eval()
     tokens = tokenize_trimmed(tiny_backbone.tokenizer, [f"a photo of a {c}." for c in ("cat", "dog", "red fox")])
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g)
@@ -72,6 +77,8 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_backbone):
         loss = train_step(Towers(model), tokens, parts, 14.3, torch.device("cpu"))
         grads.append((loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     model.zero_grad(set_to_none=True)
+    for m in batchnorms:
+        m.train()
     (loss_full, full), (loss_acc, acc) = grads
     assert loss_full == pytest.approx(loss_acc, abs=1e-5)
     assert len(full) == len(acc) and any(g.abs().sum() > 0 for g in full)
