@@ -53,6 +53,9 @@ def extract(ckpt: str, data, out, *, model: str | None = None, pretrained: str |
     dist = init_distributed()
     try:
         dev = device_for(dist, device)
+        import torch
+
+        torch.manual_seed(0)  # layers no checkpoint covers (a random-init `--ckpt none`) start the same in every run and rank
         backbone = create_model(model, pretrained=str(ckpt_path) if ckpt_path else pretrained, device=dev)
         attrs = store_attrs(backbone, dataset, ckpt_path, pretrained, dtype, template_list,
                             command(ckpt, data, out, model, pretrained, dtype, templates))
