@@ -9,8 +9,6 @@ adapter can learn to remove.
 from __future__ import annotations
 
 import numpy as np
-import pytest
-import torch
 
 from store.features import write_store
 
@@ -38,11 +36,3 @@ def make_lt_store(path, num_classes=24, dim=16, max_count=400, imbalance=40.0, t
                        keys=None, text_embeddings=text, classnames=[f"class {c}" for c in range(num_classes)],
                        logit_scale=100.0, train_class_counts=counts, meta={"model": model})
 
-
-@pytest.fixture
-def single_thread():
-    """Tiny problems run fastest on one thread, and far faster when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lt_features import make_lt_store, single_thread  # noqa: F401 (fixture)
+from lt_features import make_lt_store
 from pipeline.cli import main
 from pipeline.errors import UserError
 from stages.adapter import CosineCrossEntropy, TrainConfig, fit, load_adapter, train_adapter
@@ -17,12 +17,6 @@ from stages.samplers import EpochSampler
 pytestmark = pytest.mark.usefixtures("single_thread")
 FAST = dict(batch_size=64)  # the synthetic store has ~2.6k train features: 41 steps per epoch
 
-
-@pytest.fixture(scope="module")
-def lt_store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("phase_b") / "lt.zarr"
-    make_lt_store(path)
-    return path
 
 
 # ---------------------------------------------------------------- samplers

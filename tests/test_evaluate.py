@@ -9,7 +9,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lt_features import make_lt_store, single_thread  # noqa: F401 (fixture)
 from pipeline.cli import main
 from pipeline.errors import UserError
 from stages.evaluate import calibration_error, evaluate, shot_accuracy
@@ -17,12 +16,6 @@ from stages.sweep import sweep
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-@pytest.fixture(scope="module")
-def lt_store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("evaluate") / "lt.zarr"
-    make_lt_store(path)
-    return path
 
 
 def oltr_shot_acc(pred, labels, train_counts, many, few):

@@ -52,15 +52,6 @@ def ckpt(tmp_path_factory, tiny_backbone):
     return path
 
 
-@pytest.fixture
-def one_thread():
-    # Floating-point reductions may split differently with another thread count; every run compared
-    # bit for bit here uses one, as the torchrun children do.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_data, ckpt):
@@ -119,7 +110,7 @@ def test_store_holds_model_features_in_shard_order(reference, tiny_data, tiny_ba
     assert fs.prompts == class_prompts(data.classnames, data.template)
 
 
-def test_same_command_gives_identical_store(reference, tiny_data, ckpt, tmp_path, monkeypatch, one_thread):
+def test_same_command_gives_identical_store(reference, tiny_data, ckpt, tmp_path, monkeypatch, single_thread):
     monkeypatch.setattr(features, "CHUNK_ROWS", CHUNK_ROWS)
     done = extract(str(ckpt), tiny_data, tmp_path / "again.zarr", batch_size=32, workers=0)
     assert done == {"train": 6, "val": 1, "test": 2}
@@ -146,7 +137,7 @@ def _child(tmp_path, mode, args, world_size=1):
 
 
 @pytest.mark.slow
-def test_interrupted_runs_resume_to_identical_store(reference, tiny_data, ckpt, tmp_path, monkeypatch, one_thread,
+def test_interrupted_runs_resume_to_identical_store(reference, tiny_data, ckpt, tmp_path, monkeypatch, single_thread,
                                                     caplog):
     out = tmp_path / "killed.zarr"
     args = ["--ckpt", str(ckpt), "--data", str(tiny_data), "--out", str(out), "--splits", "train",

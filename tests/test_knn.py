@@ -5,7 +5,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lt_features import make_lt_store, single_thread  # noqa: F401 (fixture)
 from pipeline.cli import main
 from pipeline.errors import UserError
 from stages.evaluate import evaluate
@@ -13,12 +12,6 @@ from stages.knn import KnnConfig, cache_logits, neighbors, search
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-@pytest.fixture(scope="module")
-def lt_store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("knn") / "lt.zarr"
-    make_lt_store(path)
-    return path
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5])
