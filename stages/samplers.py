@@ -5,11 +5,18 @@ a time, drawn with a ``torch.Generator`` on that device: no DataLoader, no per-s
 epoch is ``steps × batch_size`` draws, ``steps = ⌊N / batch_size⌋`` (at least 1), as in the official
 loop. Classes without train samples are never drawn.
 
-- ``class-balanced`` (default): a class uniformly, then one of its samples uniformly, with
-  replacement (paper §3.2, Eq. q_j = 1/K).
-- ``class-aware``: the official code's ClassAwareSampler: classes visited in a reshuffled cycle,
-  4 consecutive samples per visit, each class's samples cycled in shuffled order. The official
-  iterator reshuffles a class whenever it wraps; here the order is reshuffled once per epoch.
+- ``class-aware`` (default): the authors' ClassAwareSampler (``num_samples_cls: 4``; the OLTR /
+  decoupling-code sampler built on ``RandomCycleIter``). The classes form a shuffled cycle, reshuffled
+  whenever it wraps; each visit takes the next 4 samples of its class at once, and each class's samples
+  form their own shuffled cycle, reshuffled whenever it wraps. Both cycles' positions carry over from
+  epoch to epoch (the iterators live in the sampler, which outlives the epoch); each epoch starts a new
+  visit (a fresh generator per epoch), and a visit cut off by the end of an epoch has still used up its
+  4 samples. This is the draw sequence of a loader that fetches batches on demand. The authors' loop
+  breaks after ⌊N / 512⌋ steps while its DataLoader (12 workers) has already drawn a few dozen batches
+  ahead; those draws advance the cycles and are thrown away. We do not model them: they change only
+  where in the cycles each epoch starts.
+- ``class-balanced``: a class uniformly, then one of its samples uniformly, with replacement (paper
+  §3.2, q_j = 1/K): the i.i.d. version of the same balance.
 - ``sqrt``: class probability ∝ √n_c (Mahajan et al. 2018), then a sample uniformly.
 - ``instance``: a fresh permutation each epoch, like the plain shuffled loader.
 - ``progressive``: class probability (1 − t/T)·n_c/N + (t/T)/K at epoch t of T (Kang et al. 2020),
@@ -20,9 +27,56 @@ from __future__ import annotations
 import torch
 
 from pipeline.errors import UserError
+from stages.adapter_config import SAMPLERS
 
-SAMPLERS = ("class-balanced", "class-aware", "sqrt", "instance", "progressive")
-VISIT = 4  # consecutive draws per class visit in the official ClassAwareSampler
+VISIT = 4  # consecutive draws per class visit in the authors' ClassAwareSampler
+
+
+class Cycles:
+    """Groups of items, each drawn as a shuffled cycle that is reshuffled whenever it wraps.
+
+    One ``RandomCycleIter`` of the authors' code per group, for all groups at once: ``take`` returns
+    the next ``counts[g]`` items of every group ``g`` and remembers where each group stopped. As in
+    ``RandomCycleIter``, a group starts exhausted, so its first draw already shuffles.
+    """
+
+    def __init__(self, items: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator):
+        """``items``: the groups' items one group after another; ``sizes``: each group's item count (> 0)."""
+        self.items, self.sizes, self.gen = items, sizes, generator
+        self.starts = torch.cumsum(sizes, 0) - sizes
+        groups = torch.arange(len(sizes), device=sizes.device)
+        self.group = torch.repeat_interleave(groups, sizes, output_size=len(items))  # group of each item slot
+        self.perm = items.clone()  # each group's current cycle order
+        self.pos = sizes.clone()  # items of the current cycle already drawn
+
+    def take(self, counts: torch.Tensor) -> torch.Tensor:
+        """The next ``counts[g]`` items of each group ``g``: group 0's in draw order, then group 1's, …"""
+        size, dev = self.sizes, self.sizes.device
+        groups = torch.arange(len(size), device=dev)
+        fresh = ((self.pos + counts - 1) // size).clamp_min(0)  # cycles that begin during this take
+        # every group's stream: its current cycle, then its fresh cycles, all blocks laid end to end
+        span = (1 + fresh) * size
+        first = torch.cumsum(span, 0) - span
+        g = torch.repeat_interleave(groups, span, output_size=int(span.sum()))
+        slot = torch.arange(len(g), device=dev) - first[g]
+        cycle, element = slot // size[g], slot % size[g]
+        source = torch.where(cycle == 0, self.perm[self.starts[g] + element], self.items[self.starts[g] + element])
+        # shuffle within each fresh cycle: random keys, then stably by block; the current cycle keeps its
+        # order (its keys rise with the element); float64 keys, as float32 ones would now and then tie
+        key = torch.rand(len(g), generator=self.gen, device=dev, dtype=torch.float64)
+        key = torch.where(cycle == 0, element.double() / size[g], key)
+        block = (torch.cumsum(1 + fresh, 0) - (1 + fresh))[g] + cycle
+        order = torch.argsort(key)
+        stream = source[order[torch.argsort(block[order], stable=True)]]
+        # the draws: positions pos .. pos + counts − 1 of each group's stream
+        d = torch.repeat_interleave(groups, counts, output_size=int(counts.sum()))
+        within = torch.arange(len(d), device=dev) - (torch.cumsum(counts, 0) - counts)[d]
+        drawn = stream[first[d] + self.pos[d] + within]
+        # each group continues in its last cycle
+        last = first[self.group] + fresh[self.group] * size[self.group]
+        self.perm = stream[last + torch.arange(len(self.items), device=dev) - self.starts[self.group]]
+        self.pos = self.pos + counts - fresh * size
+        return drawn
 
 
 class EpochSampler:
@@ -37,9 +91,17 @@ class EpochSampler:
         self.present = (self.counts > 0).to(torch.float64)
         self.steps = max(1, len(labels) // batch_size)
         self.batch_size = batch_size
+        if name == "class-aware":
+            sizes = self.counts[self.counts > 0]  # the cycles run over the classes that have samples
+            self.class_cycle = Cycles(torch.arange(len(sizes), device=labels.device), sizes.new_tensor([len(sizes)]),
+                                      generator)
+            self.sample_cycles = Cycles(self.order, sizes, generator)
 
     def epoch(self, t: int, total: int) -> torch.Tensor:
-        """Indices for epoch ``t`` of ``total`` as a [steps, batch_size] tensor on the labels' device."""
+        """Indices for epoch ``t`` of ``total`` as a [steps, batch_size] tensor on the labels' device.
+
+        Successive calls continue the ``class-aware`` cycles, so call it once per epoch, in order.
+        """
         n = self.steps * self.batch_size
         if self.name == "instance":
             perm = torch.randperm(len(self.labels), generator=self.gen, device=self.labels.device)
@@ -64,19 +126,14 @@ class EpochSampler:
         return (1 - mix) * counts / counts.sum() + mix * balanced
 
     def _class_aware(self, n: int) -> torch.Tensor:
-        dev = self.labels.device
-        present = torch.nonzero(self.present).squeeze(1)
         visits = -(-n // VISIT)
-        cycles = -(-visits // len(present))
-        cycle = torch.rand(cycles, len(present), generator=self.gen, device=dev).argsort(dim=1)
-        classes = present[cycle.flatten()[:visits]].repeat_interleave(VISIT)[:n]
-        # a per-epoch shuffle within each class: sort random keys, then stably by class
-        keys = torch.rand(len(self.labels), generator=self.gen, device=dev).argsort()
-        shuffled = keys[torch.argsort(self.labels[keys], stable=True)]
-        # the j-th visit of class c this epoch takes its (j mod n_c)-th shuffled sample
-        by_class = torch.argsort(classes, stable=True)
-        seen = torch.bincount(classes, minlength=len(self.counts))
-        first = torch.cumsum(seen, 0) - seen
-        rank = torch.empty_like(classes)
-        rank[by_class] = torch.arange(n, device=dev) - first[classes[by_class]]
-        return shuffled[self.offsets[classes] + rank % self.counts[classes]]
+        cls = self.class_cycle.take(self.class_cycle.sizes.new_tensor([visits]))  # class (cycle group) per visit
+        per_class = torch.bincount(cls, minlength=len(self.sample_cycles.sizes))
+        samples = self.sample_cycles.take(VISIT * per_class)  # class by class, each in draw order
+        # the r-th visit of a class this epoch takes that class's draws VISIT·r … VISIT·r + VISIT − 1
+        by_class = torch.argsort(cls, stable=True)
+        rank = torch.empty_like(cls)
+        first_visit = torch.cumsum(per_class, 0) - per_class
+        rank[by_class] = torch.arange(visits, device=cls.device) - first_visit[cls[by_class]]
+        first = VISIT * (first_visit[cls] + rank)
+        return samples[(first[:, None] + torch.arange(VISIT, device=cls.device)).flatten()[:n]]

@@ -1,8 +1,10 @@
 """Stage `sweep`: Phase B once per residual factor λ, each scored on one split (the paper's Fig. 5).
 
-The features are read once; every λ trains a fresh adapter with the same seed and options. Writes
-``sweep.json`` (a list of rows, the shape ``dvc plots`` reads), ``sweep.csv`` and ``sweep.png``.
-The paper tunes λ on ImageNet-LT's test split; pass ``--split val`` to choose it without test data.
+The features are read once; every λ trains a fresh adapter with the same seed and options, and keeps
+its epoch by the same rule as `adapter` (``--select``: by default the best val top-1 when the store
+has a val split). Writes ``sweep.json`` (a list of rows, the shape ``dvc plots`` reads), ``sweep.csv``
+and ``sweep.png``; each row also holds the kept epoch, its val top-1 and its training loss. The paper
+tunes λ on ImageNet-LT's test split; pass ``--split val`` to choose it without test data.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.runtime import atomic_path, pick_device, write_json
-from stages.adapter import TrainConfig, embed_all, fit
+from stages.adapter import TrainConfig, embed_all, fit, training_data
 from stages.evaluate import check_thresholds, class_logits, score
 
-COLUMNS = ("lambda", "top1", "top5", "many", "medium", "few", "ece", "loss")
+METRICS = ("top1", "top5", "many", "medium", "few", "ece")
+COLUMNS = ("lambda", *METRICS, "selected_epoch", "val_acc", "loss")
 
 
 def sweep(features: str | Path, out: str | Path, lambdas: list[float], cfg: TrainConfig = TrainConfig(),
@@ -30,16 +33,19 @@ def sweep(features: str | Path, out: str | Path, lambdas: list[float], cfg: Trai
         replace(cfg, lam=lam).check()
     check_thresholds(many, few)
     store = FeatureStore.open(features)
+    store.num_samples(split)  # refuses a missing or incomplete split before any training
     dev = pick_device(device)
-    train_feats, train_labels = store.features("train", device=dev, dtype=torch.float32)
+    train_feats, train_labels, text, val, views = training_data(store, cfg, dev)
     feats, labels = store.features(split, device=dev)
-    labels, counts, text = labels.cpu().numpy(), store.train_class_counts, store.text_embeddings(device=dev)
+    labels, counts = labels.cpu().numpy(), store.train_class_counts
     rows = []
     for lam in lambdas:
-        model, losses = fit(train_feats, train_labels, text, store.logit_scale, replace(cfg, lam=lam),
-                            desc=f"λ={lam:g}")
+        fitted = fit(train_feats, train_labels, text, store.logit_scale, replace(cfg, lam=lam), desc=f"λ={lam:g}",
+                     val=val, views=views)
+        model = fitted.model
         metrics = score(class_logits(model, embed_all(model, feats), text), labels, counts, many, few)["metrics"]
-        rows.append({"lambda": lam, **{k: metrics[k] for k in COLUMNS[1:-1]}, "loss": losses[-1]})
+        rows.append({"lambda": lam, **{k: metrics[k] for k in METRICS}, "selected_epoch": fitted.selected_epoch,
+                     "val_acc": fitted.val_acc, "loss": fitted.losses[fitted.selected_epoch - 1]})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sweep.json", rows)
