@@ -1,11 +1,12 @@
 """The model factory: the one place that knows how open_clip builds models.
 
-``create_model(name, pretrained)`` returns the model with BALLAD's train and eval transforms and a
-tokenizer. ``name`` is any open_clip architecture (``RN50``, ``ViT-B-16``, …) or ``ballad-tiny``, a
-small randomly initialised CLIP shipped inside this package for tests and the demo. ``pretrained`` is
-an open_clip tag (``openai``, ``laion2b_s34b_b79k``: downloaded on first use, so only on machines with
-network), a local checkpoint path (our ``final.pt`` or any open_clip state dict), or None for random
-init. Nothing else in the project calls open_clip's factory.
+``create_model(name, pretrained)`` returns the model with the train and eval transforms of the
+authors' code (colour jitter included) and a tokenizer. ``name`` is any open_clip architecture
+(``RN50``, ``ViT-B-16``, …) or ``ballad-tiny``, a small randomly initialised CLIP shipped inside this
+package for tests and the demo. ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``:
+downloaded on first use, so only on machines with network), a local checkpoint path (our ``final.pt``
+or any open_clip state dict), or None for random init. Nothing else in the project calls open_clip's
+factory.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pipeline.errors import UserError
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+COLOR_JITTER = 0.4  # the authors' ColorJitter(brightness, contrast, saturation = 0.4, hue = 0)
 
 
 @dataclass
@@ -73,16 +75,19 @@ def check_model_name(name: str) -> None:
         raise UserError(f"--model {name}: unknown open_clip architecture{hint}")
 
 
-def build_transforms(image_size: int, mean=CLIP_MEAN, std=CLIP_STD):
-    """BALLAD's transforms (official code): RandomResizedCrop(scale 0.5–1, bicubic) + flip for training,
-    Resize + CenterCrop for evaluation, both with CLIP normalisation."""
+def build_transforms(image_size: int, mean=CLIP_MEAN, std=CLIP_STD, color_jitter: float = COLOR_JITTER):
+    """The authors' transforms. Training: RandomResizedCrop(scale 0.5–1, bicubic), horizontal flip, then
+    ColorJitter(b, b, b, 0) with b = ``color_jitter`` (0 leaves it out); evaluation: Resize + CenterCrop.
+    Both convert to RGB (the authors' loader does so on reading) and end in ToTensor + CLIP's Normalize."""
     from torchvision import transforms as T
 
     bicubic = T.InterpolationMode.BICUBIC
-    to_tensor = [T.Lambda(_to_rgb), T.ToTensor(), T.Normalize(mean, std)]
-    train = T.Compose([T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bicubic),
-                       T.RandomHorizontalFlip(), *to_tensor])
-    evaluate = T.Compose([T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size), *to_tensor])
+    to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
+    jitter = [T.ColorJitter(color_jitter, color_jitter, color_jitter, 0)] if color_jitter else []
+    train = T.Compose([T.Lambda(_to_rgb), T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bicubic),
+                       T.RandomHorizontalFlip(), *jitter, *to_tensor])
+    evaluate = T.Compose([T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size), T.Lambda(_to_rgb),
+                          *to_tensor])
     return train, evaluate
 
 
@@ -99,8 +104,15 @@ def _image_size(model) -> int:
     return int(size)
 
 
-def create_model(name: str, pretrained: str | None = None, device="cpu") -> Backbone:
-    """Build ``name`` with weights from ``pretrained`` (tag, local path, or None for random init)."""
+def create_model(name: str, pretrained: str | None = None, device="cpu", *, color_jitter: float = COLOR_JITTER,
+                 fp16_weights: bool = False) -> Backbone:
+    """Build ``name`` with weights from ``pretrained`` (tag, local path, or None for random init).
+
+    ``fp16_weights`` builds the model as OpenAI's ``clip.build_model`` does (open_clip's "fp16"
+    precision, its ``convert_weights_to_lp``): Conv/Linear/attention weights and the projections in
+    fp16; BatchNorm, LayerNorm (computed in fp32), embeddings and the logit scale in fp32. Inputs must
+    then be cast to fp16 by the caller; fp16 convolutions are for CUDA.
+    """
     import torch
 
     open_clip = _open_clip()
@@ -115,13 +127,14 @@ def create_model(name: str, pretrained: str | None = None, device="cpu") -> Back
             raise UserError(f"--pretrained {pretrained}: not a weight tag of {name} "
                             f"(known tags: {', '.join(tags) or 'none'}) and not a file")
     is_file = pretrained is not None and os.path.exists(pretrained)
-    model = open_clip.create_model(name, pretrained=None if is_file else pretrained, device=device, weights_only=True)
+    model = open_clip.create_model(name, pretrained=None if is_file else pretrained, device=device, weights_only=True,
+                                   precision="fp16" if fp16_weights else "fp32")
     if is_file:
         load_checkpoint(model, pretrained, name)
     cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
     mean, std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
     size = _image_size(model)
-    train_tf, eval_tf = build_transforms(size, mean, std)
+    train_tf, eval_tf = build_transforms(size, mean, std, color_jitter)
     tokenizer = open_clip.get_tokenizer(name)
     with torch.no_grad():
         embed_dim = int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])

@@ -1,6 +1,6 @@
 """Stage `phase-a`: finetune both CLIP encoders on the long-tailed train split (BALLAD Phase A).
 
-The method, with the official code's choices as the defaults:
+The method, with the authors' code's choices as the defaults (docs/fidelity.md lists every point):
 - Every step encodes all K class prompts (one template, "a photo of a {}.") with gradients. The
   prompts are tokenized once per run and cut to the longest prompt (pipeline/text.py), which is exact.
 - logits = s · norm(v) · norm(u_k)ᵀ with s the model's logit scale held fixed (100 for OpenAI CLIP,
@@ -8,17 +8,34 @@ The method, with the official code's choices as the defaults:
   τ = 1.0 (Eq. 4); the code multiplies by CLIP's scale of 100. ``--logit-scale`` overrides s and
   stores it in the model, so later stages use the same value.
 - Instance-balanced sampling (no re-balancing in Phase A, Table 7), batch 512; an epoch is
-  ⌊N / 512⌋ optimizer steps, the last partial batch dropped as the code's loader does.
-- SGD momentum 0.9, weight decay 5e-4, lr 1e-5 for both encoders, cosine to 0 stepped once per
-  epoch (the code's scheduler; the paper only says "cosine"), 50 epochs. ``--optimizer adamw`` is not
-  in the paper: it exists because a randomly initialised model (ballad-tiny in the demo) does not
-  learn from scratch at SGD 1e-5.
+  ⌊N / 512⌋ optimizer steps, the last partial batch dropped as the code's loader does. The train
+  transform is the authors' (crop, flip, ColorJitter 0.4; ``--color-jitter 0`` drops the jitter).
+- SGD momentum 0.9, weight decay 5e-4, lr 1e-5 for both encoders, 50 epochs, cosine to 0 stepped
+  once per epoch the authors' way (``--schedule``, pipeline/schedule.py): their scheduler steps at the
+  start of each epoch, so the first epoch already runs below the base lr and the last one at 0.
+  ``--optimizer adamw`` is not in the paper: a randomly initialised model (ballad-tiny in the demo)
+  does not learn from scratch at SGD 1e-5.
+- Model mode (``--batchnorm``): the authors' model stays in eval mode for the whole run (OpenAI's
+  ``build_model`` returns it so and nothing calls ``.train()``), so a ResNet tower's BatchNorm keeps
+  its running statistics while its affine parameters learn, and dropout is off. ``auto`` does that
+  when Phase A starts from pretrained weights; from a random init, where frozen statistics mean
+  nothing, it trains in train mode. The mode holds throughout: evaluations restore it.
+- Selection (``--select``): the authors keep the epoch with the best top-1 on the full val split
+  (ImageNet-LT: 20,000 images). ``auto`` does that when the dataset has a val split, else keeps the
+  last epoch. A new best epoch goes to last.pt first and then to best.pt, so a kill between the two
+  leaves last.pt holding the best weights, and resuming rewrites best.pt from it.
+- Precision (``--precision``): the authors' weights are fp16 (OpenAI's ``convert_weights``) and SGD
+  updates them directly, without a master copy or loss scaling; at lr 1e-5 many updates round to
+  nothing. Our default keeps fp32 weights (the optimizer's master copy) with bf16 autocast on CUDA, a
+  deliberate improvement; ``fp16-weights`` reproduces the authors' numerics on CUDA.
 
 Gradient accumulation (``--micro-batch``) gives the full-batch gradient while running the text tower
 forward with gradients once per step: the earlier micro-batches use detached text features and
 collect the loss gradient with respect to them, and the last micro-batch adds ⟨u, g⟩ to its loss,
 so a single backward through the text tower carries the gradient of the whole batch. Under DDP that
-last backward is the one that synchronises, so gradients are all-reduced once per step.
+last backward is the one that synchronises, so gradients are all-reduced once per step. With frozen
+BatchNorm statistics this is exact for ResNet towers too; in train mode each micro-batch is
+normalised by its own statistics, as in any gradient accumulation.
 """
 from __future__ import annotations
 
@@ -29,7 +46,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,15 +54,22 @@ import torch.nn.functional as F
 
 from pipeline.distributed import cleanup, device_for, init_distributed
 from pipeline.errors import UserError
-from pipeline.models import check_model_name, create_model
+from pipeline.locks import exclusive_lock
+from pipeline.models import COLOR_JITTER, check_model_name, create_model
+from pipeline.provenance import source_digest
 from pipeline.runtime import atomic_path, autocast, pick_device, progress, seed_everything, sha256_file, write_json
+from pipeline.schedule import SCHEDULES, epoch_lr
 from pipeline.text import class_prompts, encode_text, tokenize_trimmed
-from stages.phase_a_data import BadSampleCounter, check_shards, eval_batches, train_batches
-from store.shards import load_dataset
+from stages.phase_a_data import BadSampleCounter, check_shards, default_workers, eval_batches, train_batches
+from store.shards import DATASET_FILE, load_dataset
 
 log = logging.getLogger("ballad.phase_a")
 
 MANY, FEW = 100, 20  # shot groups: many > 100 train images, few < 20, medium in between
+OPTIMIZERS = ("sgd", "adamw")
+BATCHNORM_MODES = ("auto", "frozen", "train")
+SELECT_MODES = ("auto", "best-val", "last")
+PRECISIONS = ("fp32", "fp16-weights")
 
 
 @dataclass
@@ -62,11 +86,16 @@ class PhaseAConfig:
     batch_size: int = 512
     micro_batch: int | None = None  # per process; None = the whole per-process batch at once
     logit_scale: float | None = None  # None = the model's own, kept fixed
+    schedule: str = "authors"  # pipeline/schedule.py
+    batchnorm: str = "auto"  # auto: frozen from pretrained weights, train from a random init
+    color_jitter: float = COLOR_JITTER  # 0 = no colour jitter
+    select: str = "auto"  # auto: best-val when the dataset has a val split, else last
+    precision: str = "fp32"
     seed: int = 0
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)
     shuffle_buffer: int = 2000
     save_every: int = 200
-    eval_every: int = 0  # epochs; 0 = no evaluation
+    eval_every: int = 0  # epochs; 0 = no test evaluation
     eval_samples: int = 2000
     grad_checkpointing: bool = False
     strict: bool = False
@@ -76,45 +105,76 @@ class PhaseAConfig:
 
 # What a resumed run must share with the run that wrote last.pt; the rest may change between attempts.
 RESUME_KEYS = ("model", "pretrained", "epochs", "optimizer", "lr", "weight_decay", "momentum", "batch_size",
-               "logit_scale", "seed")
+               "logit_scale", "schedule", "batchnorm", "color_jitter", "select", "precision", "seed")
 
 
 class Towers(torch.nn.Module):
-    """Both encoders behind one forward(), so DistributedDataParallel sees every trainable parameter."""
+    """Both encoders behind one forward(), so DistributedDataParallel sees every trainable parameter.
 
-    def __init__(self, clip):
+    It also owns the numerics. ``fp32``: fp32 weights and bf16 autocast on CUDA (fp32 on CPU).
+    ``fp16-weights``: the factory built the model with fp16 weights, as the authors' is; images are
+    cast to fp16 and nothing is autocast. Either way the logits are computed in fp32 (class_logits).
+    """
+
+    def __init__(self, clip, precision: str = "fp32"):
         super().__init__()
-        self.clip = clip
+        self.clip, self.precision = clip, precision
+
+    def _numerics(self, device):
+        return autocast(device, enabled=self.precision == "fp32")
+
+    def text(self, tokens):
+        with self._numerics(tokens.device):
+            return encode_text(self.clip, tokens)
+
+    def image(self, images):
+        if self.precision == "fp16-weights":
+            images = images.half()
+        with self._numerics(images.device):
+            return self.clip.encode_image(images)
 
     def forward(self, images, tokens=None):
-        text = None if tokens is None else encode_text(self.clip, tokens)
-        return self.clip.encode_image(images), text
+        text = None if tokens is None else self.text(tokens)
+        return self.image(images), text
+
+
+def batchnorm_mode(batchnorm: str, pretrained: str | None) -> str:
+    """'frozen' or 'train': ``--batchnorm``, with ``auto`` frozen when training starts from pretrained
+    weights (an open_clip tag or a file, the authors' case) and train from a random init."""
+    if batchnorm != "auto":
+        return batchnorm
+    return "train" if pretrained is None else "frozen"
+
+
+def set_batchnorm(towers: torch.nn.Module, mode: str) -> None:
+    """Put the model in the mode ``mode`` ('frozen' or 'train') trains it in.
+
+    frozen is the authors' state, eval mode for the whole model: BatchNorm normalises with its running
+    statistics and never updates them, dropout is off, and every parameter still learns.
+    """
+    towers.train(mode == "train")
 
 
 def class_logits(image_features, text_features, scale: float):
     return scale * F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
 
 
-def train_step(net, tokens, micro_batches, scale: float, device) -> float:
+def train_step(net, tokens, micro_batches, scale: float) -> float:
     """Forward and backward of one optimizer step over ``micro_batches`` [(images, labels)]; returns the mean loss."""
     n = sum(len(y) for _, y in micro_batches)
     *head, (x_last, y_last) = micro_batches
     total, grad_text = 0.0, None
     if head:
-        clip = getattr(net, "module", net).clip
-        with torch.no_grad(), autocast(device):
-            text = encode_text(clip, tokens).float()
+        with torch.no_grad():
+            text = getattr(net, "module", net).text(tokens).float()
         text.requires_grad_(True)
         with getattr(net, "no_sync", contextlib.nullcontext)():
             for x, y in head:
-                with autocast(device):
-                    image = net(x)[0]
-                loss = F.cross_entropy(class_logits(image, text, scale), y) * (len(y) / n)
+                loss = F.cross_entropy(class_logits(net(x)[0], text, scale), y) * (len(y) / n)
                 loss.backward()
                 total += loss.item()
         grad_text = text.grad
-    with autocast(device):
-        image, text = net(x_last, tokens)
+    image, text = net(x_last, tokens)
     loss = F.cross_entropy(class_logits(image, text, scale), y_last) * (len(y_last) / n)
     total += loss.item()
     if grad_text is not None:
@@ -124,22 +184,26 @@ def train_step(net, tokens, micro_batches, scale: float, device) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, tokens, urls, transform, device, *, batch: int, workers: int, limit: int, train_counts,
-             channels_last: bool = False) -> dict:
-    """Top-1 accuracy on the first ``limit`` samples of ``urls``, overall and per shot group."""
-    model.eval()
-    k = len(train_counts)
-    with autocast(device):
-        text = F.normalize(encode_text(model, tokens).float(), dim=-1)
-    correct, seen = torch.zeros(k), torch.zeros(k)
-    for images, labels in eval_batches(urls, transform, batch=batch, workers=workers, limit=limit):
-        with autocast(device):
-            image = model.encode_image(_to_device(images, device, channels_last))
-        pred = (F.normalize(image.float(), dim=-1) @ text.T).argmax(1).cpu()
-        seen += torch.bincount(labels, minlength=k)
-        correct += torch.bincount(labels[pred == labels], minlength=k)
-    model.train()
-    row = {"test_acc": round(float(correct.sum() / seen.sum().clamp(min=1)), 4)}
+def split_accuracy(towers: Towers, tokens, urls, transform, *, samples: int, batch: int, workers: int, train_counts,
+                   channels_last: bool = False, desc: str = "accuracy") -> dict:
+    """Top-1 accuracy of the model's own prompt classifier on the first ``samples`` images of a split,
+    overall (``top1``) and per shot group; evaluated in eval mode, the model's mode restored after."""
+    device, k = tokens.device, len(train_counts)
+    training = towers.training
+    towers.eval()
+    try:
+        text = F.normalize(towers.text(tokens).float(), dim=-1)
+        correct, seen = torch.zeros(k), torch.zeros(k)
+        with progress(desc=desc, total=samples, unit="img") as bar:
+            for images, labels in eval_batches(urls, transform, batch=batch, workers=workers, limit=samples):
+                image = towers.image(_to_device(images, device, channels_last))
+                pred = (F.normalize(image.float(), dim=-1) @ text.T).argmax(1).cpu()
+                seen += torch.bincount(labels, minlength=k)
+                correct += torch.bincount(labels[pred == labels], minlength=k)
+                bar.update(len(labels))
+    finally:
+        towers.train(training)
+    row = {"top1": round(float(correct.sum() / seen.sum().clamp(min=1)), 4)}
     counts = torch.tensor(train_counts)
     for name, mask in (("many", counts > MANY), ("medium", (counts <= MANY) & (counts >= FEW)), ("few", counts < FEW)):
         mask &= seen > 0
@@ -181,25 +245,65 @@ def _set_rng_state(state: dict, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _check_options(cfg: PhaseAConfig, world: int) -> None:
+def check_options(cfg: PhaseAConfig) -> None:
+    """Every option in range before any work starts: a one-line UserError naming the first one that is not."""
+    def refuse(name, why):
+        raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: {why}")
+
     for name in ("epochs", "batch_size", "save_every", "eval_samples"):
         if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
-    if cfg.optimizer not in ("sgd", "adamw"):
-        raise UserError(f"--optimizer {cfg.optimizer}: choose sgd or adamw")
+            refuse(name, "must be at least 1")
+    if cfg.micro_batch is not None and cfg.micro_batch < 1:
+        refuse("micro_batch", "must be at least 1")
+    for name in ("workers", "shuffle_buffer", "eval_every"):
+        if getattr(cfg, name) < 0:
+            refuse(name, "must be 0 or more")
+    if not 0 <= cfg.seed < 2**32:
+        refuse("seed", "must be in [0, 2^32)")
+    for name, ok, why in (("lr", cfg.lr > 0, "must be above 0"),
+                          ("weight_decay", cfg.weight_decay >= 0, "must be 0 or more"),
+                          ("momentum", 0 <= cfg.momentum < 1, "must be in [0, 1)"),
+                          ("color_jitter", cfg.color_jitter >= 0, "must be 0 (off) or more"),
+                          ("logit_scale", cfg.logit_scale is None or cfg.logit_scale > 0, "must be above 0")):
+        value = getattr(cfg, name)
+        if not ok or (value is not None and not math.isfinite(value)):
+            refuse(name, f"{why} and finite")
+    for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("batchnorm", BATCHNORM_MODES),
+                          ("select", SELECT_MODES), ("precision", PRECISIONS)):
+        if getattr(cfg, name) not in choices:
+            refuse(name, f"choose one of {', '.join(choices)}")
+
+
+def _check_world(cfg: PhaseAConfig, info, urls, world: int) -> None:
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size}: must divide evenly over the {world} processes")
     per_rank = cfg.batch_size // world
-    if cfg.micro_batch is not None and (cfg.micro_batch < 1 or per_rank % cfg.micro_batch):
+    if cfg.micro_batch is not None and per_rank % cfg.micro_batch:
         raise UserError(f"--micro-batch {cfg.micro_batch}: must divide the per-process batch of {per_rank}")
+    n_train = info.split("train").num_samples
+    if n_train < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size}: larger than the {n_train} training samples")
+    if len(urls) < world:
+        raise UserError(f"{info.root}: {len(urls)} train shard(s) cannot feed {world} processes; "
+                        "re-run prepare with a smaller --shard-size")
+
+
+def selection(cfg: PhaseAConfig, info) -> str:
+    """'best-val' or 'last': what ``--select`` means for this dataset."""
+    has_val = "val" in info.splits and info.splits["val"].num_samples > 0
+    if cfg.select == "auto":
+        return "best-val" if has_val else "last"
+    if cfg.select == "best-val" and not has_val:
+        raise UserError(f"--select best-val: {info.root / DATASET_FILE} has no val split; use --select last")
+    return cfg.select
 
 
 def resume_state(cfg: PhaseAConfig, path: Path, fingerprint: str):
     """The contents of last.pt when this run continues it, else None. Loaded with weights_only=True.
 
-    ``--resume`` continues only a run with the same RESUME_KEYS settings and dataset. When they
-    changed (``dvc repro`` after a params edit) it warns and starts over. Without ``--resume``, an
-    existing run is never overwritten.
+    ``--resume`` continues only an unfinished run of the same code (source_digest) with the same
+    RESUME_KEYS settings and dataset. Otherwise (``dvc repro`` after a params or code edit, or
+    ``--force``) it says why and starts over. Without ``--resume``, an existing run is never overwritten.
     """
     if not path.exists():
         if cfg.resume:
@@ -217,8 +321,14 @@ def resume_state(cfg: PhaseAConfig, path: Path, fingerprint: str):
                for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
     if ckpt.get("dataset_fingerprint") != fingerprint:
         changed.append(f"--data {cfg.data} is another dataset")
+    if ckpt.get("source_digest") != source_digest():
+        changed.append("it was written by another version of the code")
     if changed:
         log.warning("%s is a run with other settings (%s): starting a new run from step 0", path, "; ".join(changed))
+        return None
+    if ckpt["step"] >= ckpt["total_steps"]:
+        log.warning("%s is a finished run (step %d of %d): starting a new run from step 0", path, ckpt["step"],
+                    ckpt["total_steps"])
         return None
     return ckpt
 
@@ -244,21 +354,251 @@ def _loader_error(e: UserError) -> UserError:
 
 def run_phase_a(cfg: PhaseAConfig) -> Path:
     """Train, checkpoint and write OUT/final.pt + OUT/final.json; returns the path of final.pt."""
+    check_options(cfg)
     check_model_name(cfg.model)
     info = load_dataset(cfg.data)
-    urls = check_shards(info, "train")
-    test_urls = check_shards(info, "test") if cfg.eval_every else []
-    dist = init_distributed(pick_device(cfg.device).type)
+    select = selection(cfg, info)
+    device_type = pick_device(cfg.device).type
+    if cfg.precision == "fp16-weights" and device_type != "cuda":
+        raise UserError("--precision fp16-weights: the authors' fp16 weights need CUDA; use --precision fp32 on CPU")
+    dist = init_distributed(device_type)
     try:
-        return _train(cfg, info, urls, test_urls, dist)
+        urls = check_shards(info, "train")
+        _check_world(cfg, info, urls, dist.world_size)
+        with exclusive_lock(cfg.out, what="--out") if dist.is_main else contextlib.nullcontext():
+            return _Run(cfg, info, dist, urls, select).train()
     finally:
         cleanup(dist)
+
+
+class _Run:
+    """One process's share of a Phase A run: built (or resumed from last.pt), trained, written out."""
+
+    def __init__(self, cfg: PhaseAConfig, info, dist, urls: list[str], select: str):
+        self.cfg, self.info, self.dist, self.urls, self.select = cfg, info, dist, urls, select
+        self.val_urls = check_shards(info, "val") if select == "best-val" else []
+        self.test_urls = check_shards(info, "test") if cfg.eval_every else []
+        world = dist.world_size
+        self.steps_per_epoch = info.split("train").num_samples // cfg.batch_size
+        self.total = self.steps_per_epoch * cfg.epochs
+        per_rank = cfg.batch_size // world
+        self.micro = cfg.micro_batch or per_rank
+        self.accum = per_rank // self.micro
+        self.workers = min(cfg.workers, len(urls) // world)  # a worker without a shard would end the stream early
+        self.out = out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.last_path, self.best_path, self.log_path = out / "last.pt", out / "best.pt", out / "train_log.jsonl"
+        self.device = device_for(dist, cfg.device)
+        ckpt = resume_state(cfg, self.last_path, info.fingerprint)
+
+        bb, self.channels_last = _build_model(cfg, self.device)
+        self.bb, self.model, self.scale = bb, bb.model, float(bb.model.logit_scale.exp())
+        self.mode = batchnorm_mode(cfg.batchnorm, bb.pretrained)
+        self.tokens = tokenize_trimmed(bb.tokenizer, class_prompts(info.classnames, info.template)).to(self.device)
+        self.opt = make_optimizer(cfg, self.model)
+        self.step, self.bad_before, self.best = 0, 0, None  # best: {"epoch", "val_acc"} of the best epoch so far
+        if ckpt is not None:
+            self._resume(ckpt)
+        self.bad_samples = self.bad_before
+        if dist.is_main:
+            for stale in out.glob(".*.tmp"):
+                stale.unlink()  # a checkpoint write cut short by a kill; the file it was replacing is intact
+            if self.best is None:
+                self.best_path.unlink(missing_ok=True)  # another run's
+        self.rows = _read_log(self.log_path, self.step) if ckpt is not None else []
+        if dist.is_main:
+            with atomic_path(self.log_path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.towers = Towers(self.model, cfg.precision)
+        set_batchnorm(self.towers, self.mode)
+        self.net = self.towers
+        if dist.enabled:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.towers, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.bad = BadSampleCounter()
+        log.info("phase-a: %d steps (%d epochs), model mode %s, schedule %s, precision %s, selection %s",
+                 self.total, cfg.epochs, self.mode, cfg.schedule, cfg.precision, select)
+
+    def _resume(self, ckpt: dict) -> None:
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"{self.last_path}: checkpoint does not match --model {self.cfg.model} "
+                            f"({str(e).splitlines()[0]})") from None
+        self.opt.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], self.device)
+        self.step, self.bad_before, self.best = ckpt["step"], ckpt["bad_samples"], ckpt["best"]
+        if self.dist.is_main and self.best is not None:
+            self._check_best(ckpt)
+        log.info("resuming %s at step %d of %d", self.out, self.step, self.total)
+
+    def _check_best(self, ckpt: dict) -> None:
+        """best.pt must hold the epoch last.pt names as the best. A new best is saved in last.pt first, at
+        the end of its epoch, so when best.pt is older, last.pt's own weights are the best ones."""
+        held = (torch.load(self.best_path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+                if self.best_path.exists() else None)
+        if held == self.best["epoch"]:
+            return
+        if ckpt["step"] != self.best["epoch"] * self.steps_per_epoch:
+            raise UserError(f"{self.best_path}: holds epoch {held}, but {self.last_path} names epoch "
+                            f"{self.best['epoch']} as the best; delete {self.last_path} to start over")
+        _save_best(self.best_path, ckpt["model"], self.best)
+
+    def train(self) -> Path:
+        cfg, dist, device, world = self.cfg, self.dist, self.device, self.dist.world_size
+        if cfg.eval_every and self.step == 0:
+            self._test(0)
+        bar = progress(total=self.total, initial=self.step, desc="phase-a", unit="step",
+                       disable=None if dist.is_main else True)
+        stats = torch.zeros(2, device=device)  # [loss, undecodable samples]: all-reduced so every rank decides alike
+        batches, tick = None, time.perf_counter()
+        while self.step < self.total:
+            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+            if batches is None:
+                for group in self.opt.param_groups:
+                    group["lr"] = epoch_lr(cfg.lr, epoch, cfg.epochs, cfg.schedule)
+                batches = train_batches(self.urls, self.bb.train_transform, seed=cfg.seed, epoch=epoch,
+                                        micro_batch=self.micro, workers=self.workers, shuffle_buffer=cfg.shuffle_buffer,
+                                        distributed=dist.enabled, consumed=in_epoch * self.accum, strict=cfg.strict,
+                                        on_bad=self.bad, pin_memory=device.type == "cuda")
+            try:
+                micro_batches = [next(batches) for _ in range(self.accum)]
+            except UserError as e:  # --strict and a bad sample
+                raise _loader_error(e) from None
+            self._check_labels(micro_batches)
+            loss = train_step(self.net, self.tokens, [(_to_device(x, device, self.channels_last),
+                                                       y.to(device, non_blocking=True)) for _, x, y in micro_batches],
+                              self.scale)
+            stats = torch.tensor([loss, self.bad.value], device=device)
+            if dist.enabled:
+                torch.distributed.all_reduce(stats)
+                stats[0] /= world
+            loss = float(stats[0])
+            if not math.isfinite(loss):
+                where = (f"the last good checkpoint is {self.last_path}" if self.last_path.exists()
+                         else "no checkpoint was written")
+                raise UserError(f"step {self.step + 1}: loss is {loss}; stopped without updating the weights "
+                                f"({where}); lower --lr or --logit-scale")
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            self.bad_samples = self.bad_before + int(stats[1])
+            now = time.perf_counter()
+            speed = cfg.batch_size / (now - tick)
+            tick = now
+            lr = self.opt.param_groups[0]["lr"]
+            self._log_row({"step": self.step, "epoch": epoch + 1, "loss": round(loss, 5), "lr": lr,
+                           "images_per_s": round(speed, 1), "bad_samples": self.bad_samples})
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}", refresh=False)
+            bar.update()
+            saved = False
+            if self.step % self.steps_per_epoch == 0:
+                batches = None
+                if self.select == "best-val":
+                    saved = self._validate(epoch + 1)
+                if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                    self._test(epoch + 1)
+                tick = time.perf_counter()  # evaluations and the next epoch's loader start are not training speed
+            if not saved and (self.step % cfg.save_every == 0 or self.step == self.total):
+                self._save_last()
+        bar.close()
+        return self._finish()
+
+    def _check_labels(self, micro_batches) -> None:
+        k = self.info.num_classes
+        for keys, _, labels in micro_batches:  # remote shards are not checked up front
+            outside = ((labels < 0) | (labels >= k)).nonzero()
+            if len(outside):
+                i = int(outside[0])
+                raise UserError(f"sample '{keys[i]}': label {int(labels[i])} is outside the {k} "
+                                f"classes of {self.info.root / DATASET_FILE}")
+
+    def _accuracy(self, split: str, urls, samples: int) -> dict:
+        return split_accuracy(self.towers, self.tokens, urls, self.bb.eval_transform, samples=samples, batch=self.micro,
+                              workers=self.cfg.workers, train_counts=self.info.split("train").class_counts,
+                              channels_last=self.channels_last, desc=f"phase-a {split}")
+
+    def _validate(self, epoch: int) -> bool:
+        """Top-1 on the full val split (main process); a strictly better epoch becomes the best (ties keep
+        the earlier one), saved to last.pt and then best.pt. Returns whether last.pt was written."""
+        if not self.dist.is_main:
+            return False
+        row = self._accuracy("val", self.val_urls, self.info.split("val").num_samples)
+        log.info("epoch %d: val accuracy %.4f (many %s, medium %s, few %s)", epoch, row["top1"], row["many"],
+                 row["medium"], row["few"])
+        acc = row.pop("top1")
+        self._log_row({"step": self.step, "epoch": epoch, "val_acc": acc, **row})
+        if self.best is not None and acc <= self.best["val_acc"]:
+            return False
+        self.best = {"epoch": epoch, "val_acc": acc}
+        self._save_last()
+        _save_best(self.best_path, self.model.state_dict(), self.best)
+        return True
+
+    def _test(self, epoch: int) -> None:
+        """Top-1 on the first --eval-samples test images (main process), logged; never used for selection."""
+        if self.dist.is_main:
+            samples = min(self.cfg.eval_samples, self.info.split("test").num_samples)
+            row = self._accuracy("test", self.test_urls, samples)
+            log.info("epoch %d: test accuracy %.4f (many %s, medium %s, few %s)", epoch, row["top1"], row["many"],
+                     row["medium"], row["few"])
+            self._log_row({"step": self.step, "epoch": epoch, "test_acc": row.pop("top1"), **row})
+
+    def _log_row(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.dist.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _save_last(self) -> None:
+        if self.dist.is_main:
+            state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                     "total_steps": self.total, "bad_samples": self.bad_samples, "best": self.best,
+                     "rng": _rng_state(self.device), "config": asdict(self.cfg),
+                     "dataset_fingerprint": self.info.fingerprint, "source_digest": source_digest()}
+            with atomic_path(self.last_path) as tmp:
+                torch.save(state, tmp)
+
+    def _finish(self) -> Path:
+        """Write final.pt (a plain state dict open_clip loads: the selected epoch's weights) and then
+        final.json; check that the ranks ended with the same weights."""
+        cfg, dist, out = self.cfg, self.dist, self.out
+        state = self.model.state_dict()
+        digest = param_digest(state)
+        digests = [digest]
+        if dist.enabled:
+            digests = [None] * dist.world_size
+            torch.distributed.all_gather_object(digests, digest)
+            if len(set(digests)) > 1:
+                raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
+        final = out / "final.pt"
+        if dist.is_main:
+            epoch, val_acc = cfg.epochs, None
+            if self.select == "best-val":
+                chosen = torch.load(self.best_path, map_location="cpu", weights_only=True)
+                state, epoch, val_acc = chosen["model"], chosen["epoch"], chosen["val_acc"]
+            with atomic_path(final) as tmp:
+                torch.save(state, tmp)
+            tests = [r for r in self.rows if "test_acc" in r and r["epoch"] == epoch]
+            _write_loss_csv(out / "train_log.csv", self.rows)
+            write_json(out / "final.json", {
+                "model": cfg.model, "pretrained": cfg.pretrained,
+                "dataset": {"name": self.info.name, "fingerprint": self.info.fingerprint, "path": str(self.info.root)},
+                "classnames": self.info.classnames, "template": self.info.template,
+                "checkpoint": final.name, "sha256": sha256_file(final),
+                "steps": self.total, "epochs": cfg.epochs, "steps_per_epoch": self.steps_per_epoch,
+                "logit_scale": self.scale, "batchnorm": self.mode, "precision": cfg.precision,
+                "schedule": cfg.schedule, "select": self.select, "selected_epoch": epoch, "val_acc": val_acc,
+                "eval": tests[-1] if tests else None, "bad_samples": self.bad_samples,
+                "world_size": dist.world_size, "rank_param_digests": digests, "config": asdict(cfg)})
+        return final
 
 
 def _build_model(cfg: PhaseAConfig, device):
     """The backbone set up for training (fixed logit scale); also says whether images go channels_last."""
     seed_everything(cfg.seed)
-    bb = create_model(cfg.model, cfg.pretrained, device=device)
+    bb = create_model(cfg.model, cfg.pretrained, device=device, color_jitter=cfg.color_jitter,
+                      fp16_weights=cfg.precision == "fp16-weights")
     model = bb.model
     if cfg.logit_scale is not None:
         model.logit_scale.data.fill_(math.log(cfg.logit_scale))
@@ -273,136 +613,18 @@ def _build_model(cfg: PhaseAConfig, device):
     return bb, channels_last
 
 
-def _train(cfg, info, urls, test_urls, dist) -> Path:
-    world = dist.world_size
-    _check_options(cfg, world)
-    n_train = info.split("train").num_samples
-    steps_per_epoch = n_train // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {cfg.batch_size}: larger than the {n_train} training samples")
-    if len(urls) < world:
-        raise UserError(f"{info.root}: {len(urls)} train shard(s) cannot feed {world} processes; "
-                        "re-run prepare with a smaller --shard-size")
-    total = steps_per_epoch * cfg.epochs
-    per_rank = cfg.batch_size // world
-    micro = cfg.micro_batch or per_rank
-    accum = per_rank // micro
-    workers = min(cfg.workers, len(urls) // world)  # a worker without a shard would end the stream early
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        for stale in out.glob(".*.tmp"):
-            stale.unlink()  # a checkpoint write cut short by a kill; the file it was replacing is intact
-    last_path, log_path = out / "last.pt", out / "train_log.jsonl"
-    device = device_for(dist, cfg.device)
-    ckpt = resume_state(cfg, last_path, info.fingerprint)
-
-    bb, channels_last = _build_model(cfg, device)
-    model, scale = bb.model, float(bb.model.logit_scale.exp())
-    tokens = tokenize_trimmed(bb.tokenizer, class_prompts(info.classnames, info.template)).to(device)
+def make_optimizer(cfg: PhaseAConfig, model) -> torch.optim.Optimizer:
+    """SGD (or AdamW) over the trainable parameters as they are: fp16 ones with ``--precision
+    fp16-weights`` are updated in place in fp16, the authors' way (no fp32 master copy, no loss scaling)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    step, bad_before = 0, 0
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise UserError(f"{last_path}: checkpoint does not match --model {cfg.model} ({str(e).splitlines()[0]})") from None
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"], device)
-        step, bad_before = ckpt["step"], ckpt["bad_samples"]
-        log.info("resuming %s at step %d of %d", out, step, total)
-    rows = _read_log(log_path, step)
-    if dist.is_main:
-        with atomic_path(log_path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    net = Towers(model)
-    if dist.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    bad = BadSampleCounter()
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def save_last():
-        if dist.is_main:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "step": step, "bad_samples": bad_before + int(stats[1]), "rng": _rng_state(device),
-                     "config": asdict(cfg), "dataset_fingerprint": info.fingerprint}
-            with atomic_path(last_path) as tmp:
-                torch.save(state, tmp)
 
-    def log_row(row):
-        rows.append(row)
-        if dist.is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def run_eval(epoch):
-        if dist.is_main:
-            row = evaluate(model, tokens, test_urls, bb.eval_transform, device, batch=micro, workers=cfg.workers,
-                           limit=cfg.eval_samples, train_counts=info.split("train").class_counts,
-                           channels_last=channels_last)
-            log.info("epoch %d: test accuracy %.4f (many %s, medium %s, few %s)", epoch, row["test_acc"],
-                     row["many"], row["medium"], row["few"])
-            log_row({"step": step, "epoch": epoch, **row})
-
-    if cfg.eval_every and step == 0:
-        run_eval(0)
-    bar = progress(total=total, initial=step, desc="phase-a", unit="step", disable=None if dist.is_main else True)
-    stats = torch.zeros(2, device=device)  # [loss, undecodable samples]: all-reduced so every rank decides alike
-    batches, tick = None, time.perf_counter()
-    while step < total:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        if batches is None:
-            batches = train_batches(urls, bb.train_transform, seed=cfg.seed, epoch=epoch, micro_batch=micro,
-                                    workers=workers, shuffle_buffer=cfg.shuffle_buffer, distributed=dist.enabled,
-                                    consumed=in_epoch * accum, strict=cfg.strict, on_bad=bad,
-                                    pin_memory=device.type == "cuda")
-        try:
-            micro_batches = [next(batches) for _ in range(accum)]
-        except UserError as e:  # --strict and a bad sample
-            raise _loader_error(e) from None
-        for keys, _, labels in micro_batches:  # remote shards are not checked up front
-            outside = ((labels < 0) | (labels >= info.num_classes)).nonzero()
-            if len(outside):
-                i = int(outside[0])
-                raise UserError(f"sample '{keys[i]}': label {int(labels[i])} is outside the {info.num_classes} "
-                                f"classes of {info.root / 'dataset.json'}")
-        loss = train_step(net, tokens, [(_to_device(x, device, channels_last), y.to(device, non_blocking=True))
-                                        for _, x, y in micro_batches], scale, device)
-        stats = torch.tensor([loss, bad.value], device=device)
-        if dist.enabled:
-            torch.distributed.all_reduce(stats)
-            stats[0] /= world
-        loss = float(stats[0])
-        if not math.isfinite(loss):
-            where = f"the last good checkpoint is {last_path}" if last_path.exists() else "no checkpoint was written"
-            raise UserError(f"step {step + 1}: loss is {loss}; stopped without updating the weights ({where}); "
-                            "lower --lr or --logit-scale")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        now = time.perf_counter()
-        speed = cfg.batch_size / (now - tick)
-        tick = now
-        lr = opt.param_groups[0]["lr"]
-        log_row({"step": step, "epoch": epoch + 1, "loss": round(loss, 5), "lr": lr, "images_per_s": round(speed, 1),
-                 "bad_samples": bad_before + int(stats[1])})
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}", refresh=False)
-        bar.update()
-        if step % steps_per_epoch == 0:
-            batches = None
-            sched.step()
-            if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                run_eval(epoch + 1)
-            tick = time.perf_counter()  # evaluation and the next epoch's loader start are not training speed
-        if step % cfg.save_every == 0 or step == total:
-            save_last()
-    bar.close()
-    return _finish(cfg, info, model, out, dist, rows, total, steps_per_epoch, scale, bad_before + int(stats[1]))
+def _save_best(path: Path, state_dict, best: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"model": state_dict, **best}, tmp)
 
 
 def _write_loss_csv(path: Path, rows: list[dict]) -> None:
@@ -414,30 +636,3 @@ def _write_loss_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(r for r in rows if "loss" in r)
-
-
-def _finish(cfg, info, model, out, dist, rows, steps, steps_per_epoch, scale, bad_samples) -> Path:
-    """Write final.pt (a plain state dict open_clip loads) and then final.json; check the ranks agree."""
-    state = model.state_dict()
-    digest = param_digest(state)
-    digests = [digest]
-    if dist.enabled:
-        digests = [None] * dist.world_size
-        torch.distributed.all_gather_object(digests, digest)
-        if len(set(digests)) > 1:
-            raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
-    final = out / "final.pt"
-    if dist.is_main:
-        with atomic_path(final) as tmp:
-            torch.save(state, tmp)
-        evals = [r for r in rows if "test_acc" in r]
-        _write_loss_csv(out / "train_log.csv", rows)
-        write_json(out / "final.json", {
-            "model": cfg.model, "pretrained": cfg.pretrained,
-            "dataset": {"name": info.name, "fingerprint": info.fingerprint, "path": str(info.root)},
-            "classnames": info.classnames, "template": info.template,
-            "checkpoint": final.name, "sha256": sha256_file(final),
-            "steps": steps, "epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch, "logit_scale": scale,
-            "eval": evals[-1] if evals else None, "bad_samples": bad_samples,
-            "world_size": dist.world_size, "rank_param_digests": digests, "config": asdict(cfg)})
-    return final

@@ -10,12 +10,22 @@ one the interrupted run would have seen when the number of ranks and workers is 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import tarfile
 from pathlib import Path
 
 from pipeline.errors import UserError
 from store.shards import DATASET_FILE, decode_label
 from store.stream import sample_stream
+
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers() -> int:
+    """DataLoader workers per process by default: 4, or fewer on a machine with fewer usable cores
+    (PyTorch warns when a loader has more workers than the process may run on)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(MAX_DEFAULT_WORKERS, cores)
 
 
 def check_shards(info, split: str) -> list[str]:

@@ -15,23 +15,50 @@ def test_ballad_tiny_is_small_and_embeds_both_modalities(tiny_backbone):
     assert 1e6 < params < 1e7 and b.image_size == 32 and b.context_length <= 32
     img = b.eval_transform(Image.new("RGB", (50, 40), "red")).unsqueeze(0)
     assert img.shape == (1, 3, 32, 32)
-    with torch.no_grad():
-        assert b.model.encode_image(img).shape == (1, b.embed_dim)
-        assert b.model.encode_text(b.tokenizer(["a photo of a red triangle."])).shape == (1, b.embed_dim)
+    training = b.model.training  # open_clip builds in train mode, where BatchNorm cannot take one image
+    b.model.eval()
+    try:
+        with torch.no_grad():
+            assert b.model.encode_image(img).shape == (1, b.embed_dim)
+            assert b.model.encode_text(b.tokenizer(["a photo of a red triangle."])).shape == (1, b.embed_dim)
+    finally:
+        b.model.train(training)
 
 
 def test_transforms_follow_the_official_code(tiny_backbone):
     from torchvision import transforms as T
 
     train = tiny_backbone.train_transform.transforms
-    crop = next(t for t in train if isinstance(t, T.RandomResizedCrop))
+    # the authors': crop, flip, then colour jitter (0.4, 0.4, 0.4, hue 0), CLIP normalisation; RGB first
+    assert [type(t) for t in train] == [T.Lambda, T.RandomResizedCrop, T.RandomHorizontalFlip, T.ColorJitter,
+                                        T.ToTensor, T.Normalize]
+    crop, jitter, norm = train[1], train[3], train[-1]
     assert crop.scale == (0.5, 1.0) and crop.interpolation == T.InterpolationMode.BICUBIC
-    assert any(isinstance(t, T.RandomHorizontalFlip) for t in train)
-    norm = train[-1]
+    for factor in (jitter.brightness, jitter.contrast, jitter.saturation):
+        assert factor == pytest.approx((0.6, 1.4))
+    assert jitter.hue is None
     assert norm.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
     assert norm.std == pytest.approx((0.26862954, 0.26130258, 0.27577711))
     evals = tiny_backbone.eval_transform.transforms
     assert isinstance(evals[0], T.Resize) and isinstance(evals[1], T.CenterCrop)
+    assert not any(isinstance(t, (T.ColorJitter, T.RandomHorizontalFlip)) for t in evals)
+
+
+def test_color_jitter_strength_and_zero_turns_it_off():
+    from torchvision import transforms as T
+
+    from pipeline.models import build_transforms
+
+    weaker, _ = build_transforms(32, color_jitter=0.2)
+    assert next(t for t in weaker.transforms if isinstance(t, T.ColorJitter)).brightness == pytest.approx((0.8, 1.2))
+    off, _ = build_transforms(32, color_jitter=0)
+    assert [type(t) for t in off.transforms] == [T.Lambda, T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor,
+                                                 T.Normalize]
+    flat = Image.new("RGB", (40, 40), (200, 30, 30))  # crops and flips cannot change it; colour jitter can
+    _, evaluate = build_transforms(32)
+    torch.manual_seed(0)
+    assert torch.equal(off(flat), evaluate(flat))
+    assert not torch.allclose(build_transforms(32)[0](flat), evaluate(flat), atol=1e-3)
 
 
 def test_named_architecture_without_weights():
@@ -39,6 +66,25 @@ def test_named_architecture_without_weights():
     assert b.image_size == 224 and b.embed_dim == 1024 and b.context_length == 77
     with torch.no_grad():
         assert b.model.encode_image(torch.zeros(1, 3, 224, 224)).shape == (1, 1024)
+
+
+@pytest.mark.parametrize("name", ["ballad-tiny", "RN50"])
+def test_fp16_weights_are_the_authors_layout(name):
+    """OpenAI's convert_weights: Conv/Linear/attention weights and the projections in fp16; BatchNorm,
+    LayerNorm (computed in fp32), embeddings and the logit scale stay fp32."""
+    from open_clip.transformer import LayerNormFp32
+
+    model = create_model(name, fp16_weights=True).model
+    half = {n for n, p in model.named_parameters() if p.dtype == torch.float16}
+    for mod_name, mod in model.named_modules():
+        own = {f"{mod_name}.{n}".lstrip(".") for n, _ in mod.named_parameters(recurse=False)}
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.MultiheadAttention)):
+            assert own <= half, mod_name
+        elif isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.Embedding)):
+            assert not own & half, mod_name
+            assert not isinstance(mod, torch.nn.LayerNorm) or isinstance(mod, LayerNormFp32), mod_name
+    assert {"text_projection"} <= half and not {"logit_scale", "positional_embedding"} & half
+    assert create_model(name).model.visual.conv1.weight.dtype == torch.float32  # the default is untouched
 
 
 def test_local_checkpoint_loads_and_wrong_architecture_is_refused(tmp_path, tiny_backbone):

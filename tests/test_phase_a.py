@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from stages.phase_a import PhaseAConfig, Towers, param_digest, resume_state, run_phase_a, train_step
+from stages.phase_a import PhaseAConfig, Towers, param_digest, resume_state, run_phase_a, set_batchnorm, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="ballad-tiny", optimizer="adamw", lr=1e-3, weight_decay=0.05, workers=0, shuffle_buffer=50)
@@ -62,23 +62,23 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_backbone):
     from pipeline.text import tokenize_trimmed
 
     model = tiny_backbone.model
-    # BatchNorm in train mode normalises each micro-batch by its own statistics, as in any gradient
-    # accumulation; with frozen statistics the accumulated gradient must equal the full batch's.
-    batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for m in batchnorms:
-        m.eval()
+    training = model.training
+    # With the authors' frozen BatchNorm statistics (--batchnorm frozen, Phase A's mode from pretrained
+    # weights) the accumulated gradient equals the full batch's with no special casing in train_step.
+    towers = Towers(model)
+    set_batchnorm(towers, "frozen")
     tokens = tokenize_trimmed(tiny_backbone.tokenizer, [f"a photo of a {c}." for c in ("cat", "dog", "red fox")])
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g)
     grads = []
-    for split in ([8], [2, 2, 4]):
+    try:
+        for split in ([8], [2, 2, 4]):
+            model.zero_grad(set_to_none=True)
+            loss = train_step(towers, tokens, list(zip(x.split(split), y.split(split))), 14.3)
+            grads.append((loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    finally:
         model.zero_grad(set_to_none=True)
-        parts = list(zip(x.split(split), y.split(split)))
-        loss = train_step(Towers(model), tokens, parts, 14.3, torch.device("cpu"))
-        grads.append((loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    model.zero_grad(set_to_none=True)
-    for m in batchnorms:
-        m.train()
+        model.train(training)
     (loss_full, full), (loss_acc, acc) = grads
     assert loss_full == pytest.approx(loss_acc, abs=1e-5)
     assert len(full) == len(acc) and any(g.abs().sum() > 0 for g in full)
@@ -106,18 +106,19 @@ def test_train_writes_log_checkpoints_and_an_open_clip_state_dict(small_data, tm
 
     out = tmp_path / "run"
     final = run_phase_a(PhaseAConfig(data=str(small_data), out=str(out), epochs=2, batch_size=16, eval_every=2,
-                                     eval_samples=30, **TINY))
+                                     eval_samples=30, select="last", **TINY))
     rows = read_log(out)
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "test_acc" in r]
     assert [r["step"] for r in steps] == list(range(1, 15))  # ⌊117 / 16⌋ = 7 steps per epoch
-    lrs = [r["lr"] for r in steps]
-    assert lrs[:7] == [1e-3] * 7 and lrs[7:] == pytest.approx([5e-4] * 7)  # cosine, stepped per epoch
+    assert len({r["lr"] for r in steps[:7]}) == len({r["lr"] for r in steps[7:]}) == 1  # stepped per epoch
     assert [r["epoch"] for r in evals] == [0, 2] and all(r["images_per_s"] > 0 for r in steps)
+    assert not any("val_acc" in r for r in rows)  # --select last: no validation passes
     assert sum(r["loss"] for r in steps[-4:]) < sum(r["loss"] for r in steps[:4])
 
     meta = json.loads((out / "final.json").read_text())
     assert meta["sha256"] == sha256_file(final) and meta["steps"] == 14 and meta["eval"] == evals[-1]
+    assert meta["select"] == "last" and meta["selected_epoch"] == 2 and meta["val_acc"] is None
     assert meta["rank_param_digests"] == [param_digest(torch.load(final, weights_only=True))]
     trained = create_model("ballad-tiny", pretrained=str(final)).model.state_dict()
     seed_everything(0)
@@ -129,13 +130,17 @@ def test_train_writes_log_checkpoints_and_an_open_clip_state_dict(small_data, tm
     assert last["step"] == 14 and last["config"]["epochs"] == 2 and "torch" in last["rng"]
 
     with pytest.raises(UserError, match="already holds a run; pass --resume"):
-        run_phase_a(PhaseAConfig(data=str(small_data), out=str(out), epochs=2, batch_size=16, **TINY))
-    same = PhaseAConfig(data=str(small_data), out=str(out), epochs=2, batch_size=16, resume=True, **TINY)
-    assert resume_state(same, out / "last.pt", meta["dataset"]["fingerprint"])["step"] == 14
-    other = PhaseAConfig(data=str(small_data), out=str(out), epochs=2, batch_size=16, resume=True, **{**TINY, "lr": 2e-3})
+        run_phase_a(PhaseAConfig(data=str(small_data), out=str(out), epochs=2, batch_size=16, select="last", **TINY))
+    unfinished = out / "unfinished.pt"  # as if killed after step 9
+    torch.save({**last, "step": 9}, unfinished)
+    same = PhaseAConfig(data=str(small_data), out=str(out), epochs=2, batch_size=16, select="last", resume=True, **TINY)
+    fingerprint = meta["dataset"]["fingerprint"]
+    assert resume_state(same, unfinished, fingerprint)["step"] == 9
+    other = PhaseAConfig(data=str(small_data), out=str(out), epochs=2, batch_size=16, select="last", resume=True,
+                         **{**TINY, "lr": 2e-3})
     with caplog.at_level(logging.WARNING, logger="ballad.phase_a"):
-        assert resume_state(other, out / "last.pt", meta["dataset"]["fingerprint"]) is None  # as after a params edit
-        assert resume_state(same, out / "last.pt", "another dataset") is None
+        assert resume_state(other, unfinished, fingerprint) is None  # as after a params edit
+        assert resume_state(same, unfinished, "another dataset") is None
     assert "--lr 0.001 → 0.002" in caplog.text and "is another dataset" in caplog.text
 
 
@@ -166,9 +171,10 @@ def test_resume_after_sigkill_continues_from_the_saved_step(small_data, tmp_path
                                  **TINY))
     assert f"at step {saved} of 7" in caplog.text
     rows = read_log(out)
-    assert [r["step"] for r in rows] == list(range(1, 8))  # each step once: no restart from 0, no gap
-    assert rows[:saved] == before
-    assert json.loads((out / "final.json").read_text())["steps"] == 7
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 8))  # each step once: no restart, no gap
+    assert rows[:saved] == before and [r["step"] for r in rows if "val_acc" in r] == [7]
+    meta = json.loads((out / "final.json").read_text())
+    assert meta["steps"] == 7 and meta["select"] == "best-val" and meta["selected_epoch"] == 1
 
 
 def one_shard_dataset(src: Path, dst: Path, copies: int) -> Path:
@@ -185,13 +191,15 @@ def one_shard_dataset(src: Path, dst: Path, copies: int) -> Path:
     meta["splits"]["train"] = {"shards": ["train/shard-000000.tar"] + [f"train/copy-{i}.tar" for i in range(1, copies)],
                                "num_samples": sum(counts), "class_counts": counts, "skipped": []}
     (dst / "dataset.json").write_text(json.dumps(meta))
+    rerecord_shards(dst)
     return dst
 
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_a_single_process_run(small_data, tmp_path):
     # Rank r reads shard r. With two identical shards (and the same seed) both ranks draw the same samples and
-    # crops, so DDP over 2 × 8 images must reproduce a single process taking 8 of them per step.
+    # crops, so DDP over 2 × 8 images must reproduce a single process taking 8 of them per step. Both select
+    # the best epoch on val, which the main process alone evaluates while the other waits for the next step.
     twice, once = one_shard_dataset(small_data, tmp_path / "twice", 2), one_shard_dataset(small_data, tmp_path / "once", 1)
     recipe = ["--model", "ballad-tiny", "--epochs", "2", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay",
               "0.05", "--workers", "0", "--shuffle-buffer", "50"]
@@ -209,19 +217,34 @@ def test_two_process_ddp_matches_a_single_process_run(small_data, tmp_path):
     meta = json.loads((tmp_path / "ddp" / "final.json").read_text())
     digests = meta["rank_param_digests"]
     assert meta["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
-    ddp_state = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)
+    assert meta["select"] == "best-val" and meta["selected_epoch"] in (1, 2)
+    ddp_state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["model"]  # where training ended
     assert digests[0] == param_digest(ddp_state)
-    a = [r["loss"] for r in read_log(tmp_path / "ddp")]
-    b = [r["loss"] for r in read_log(tmp_path / "single")]
+    a = [r["loss"] for r in read_log(tmp_path / "ddp") if "loss" in r]
+    b = [r["loss"] for r in read_log(tmp_path / "single") if "loss" in r]
     assert len(a) == len(b) == 10  # ⌊80 / 16⌋ = ⌊40 / 8⌋ = 5 steps per epoch
     assert a == pytest.approx(b, abs=1e-4) and a[0] != a[-1]
-    single_state = torch.load(tmp_path / "single" / "final.pt", weights_only=True)
+    single_state = torch.load(tmp_path / "single" / "last.pt", weights_only=True)["model"]
     assert max((ddp_state[k] - single_state[k]).abs().max().item() for k in ddp_state) < 1e-4
 
 
 def copy_data(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def rerecord_shards(data: Path) -> None:
+    """Record the shards' new sizes and hashes in dataset.json after a test rewrote them on purpose."""
+    from pipeline.runtime import sha256_file
+
+    meta = json.loads((data / "dataset.json").read_text())
+    for split in meta["splits"].values():
+        paths = [data / rel for rel in split["shards"]]
+        if split.get("shard_bytes") is not None:
+            split["shard_bytes"] = [p.stat().st_size for p in paths]
+        if split.get("shard_sha256") is not None:
+            split["shard_sha256"] = [sha256_file(p) for p in paths]
+    (data / "dataset.json").write_text(json.dumps(meta))
 
 
 def test_bad_input_gives_one_line_errors(small_data, tmp_path):
@@ -267,6 +290,7 @@ def test_corrupt_samples_are_skipped_and_counted_or_fail_with_strict(small_data,
     shard = data / "train" / "shard-000000.tar"
     bad_keys = {s.key for s in read_shard(shard)}
     write_shard(shard, [Sample(s.key, s.ext, b"not an image", s.label) for s in read_shard(shard)])
+    rerecord_shards(data)  # a whole shard of undecodable images, not a damaged file
 
     counter = BadSampleCounter()
     it = train_batches(load_dataset(data).urls("train"), tiny_backbone.eval_transform, seed=0, epoch=0, micro_batch=8,
