@@ -94,6 +94,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a write() that fails (disk full) names no file; the CLI's message needs one
+            e.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -8,12 +8,20 @@ Layout::
 Shards are written under a temporary name and renamed when complete, and dataset.json is written
 last, so a directory without dataset.json is an unfinished ``prepare`` and a shard that exists is
 whole. Tar headers carry fixed metadata (mtime 0, uid 0) so the same input gives byte-identical shards.
+
+dataset.json records each shard's byte size and sha256 and the ``prepare`` command that wrote it, so
+that a shard damaged or cut short later is named together with the command that rebuilds it. Every
+reader (``urls``) compares sizes, a stat per shard; hashing every byte is left to ``ballad-pipe
+verify`` (``verify_shards``): on ImageNet-LT's ~13 GB of train shards that would add some 25 s to every
+Phase A and extract start (docs/reliability.md). Files from before these records (no sizes, hashes or
+command) still load.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import shlex
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +49,8 @@ class SplitInfo:
     num_samples: int
     class_counts: list[int]
     skipped: list[str] = field(default_factory=list)
+    shard_bytes: list[int] | None = None  # per shard, in order; None in dataset.json files that predate them
+    shard_sha256: list[str] | None = None
 
 
 @dataclass
@@ -53,10 +63,16 @@ class DatasetInfo:
     template: str
     splits: dict[str, SplitInfo]
     fingerprint: str
+    command: str | None = None  # `ballad-pipe prepare …` less --out; None in older dataset.json files
 
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    @property
+    def rebuild(self) -> str:
+        """The command that rewrites missing or damaged shards here (``prepare`` keeps the whole ones)."""
+        return f"`{self.command or 'ballad-pipe prepare …'} --out {shlex.quote(str(self.root))}`"
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -64,20 +80,12 @@ class DatasetInfo:
         return self.splits[name]
 
     def urls(self, split: str) -> list[str]:
-        """Shard paths of ``split`` in order; local files are checked to exist."""
+        """Shard paths of ``split`` in order; local files are checked to exist with their recorded size."""
         info = self.split(split)
         if not info.shards:
             raise UserError(f"{self.root / DATASET_FILE}: split '{split}' is empty")
-        urls = []
-        for rel in info.shards:
-            if "://" in rel:
-                urls.append(rel)
-                continue
-            path = self.root / rel
-            if not path.is_file():
-                raise UserError(f"{path}: shard listed in {DATASET_FILE} is missing; re-run `ballad-pipe prepare`")
-            urls.append(str(path))
-        return urls
+        verify_shards(self, split, full=False)
+        return [rel if "://" in rel else str(self.root / rel) for rel in info.shards]
 
 
 def load_dataset(root: str | os.PathLike) -> DatasetInfo:
@@ -94,13 +102,76 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
         meta = json.loads(meta_path.read_text())
         splits = {name: SplitInfo(**s) for name, s in meta["splits"].items()}
         info = DatasetInfo(root=root, name=meta["name"], classnames=list(meta["classnames"]),
-                           template=meta["template"], splits=splits, fingerprint=meta["fingerprint"])
+                           template=meta["template"], splits=splits, fingerprint=meta["fingerprint"],
+                           command=meta.get("command"))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{meta_path}: malformed dataset description ({e.__class__.__name__}: {e})") from None
     for name, s in info.splits.items():
         if len(s.class_counts) != info.num_classes or sum(s.class_counts) != s.num_samples:
             raise UserError(f"{meta_path}: split '{name}' counts are inconsistent with its {info.num_classes} classes")
+        for record in (s.shard_bytes, s.shard_sha256):
+            if record is not None and len(record) != len(s.shards):
+                raise UserError(f"{meta_path}: split '{name}' records {len(record)} shard sizes or hashes "
+                                f"for {len(s.shards)} shards")
     return info
+
+
+def verify_shards(info: DatasetInfo, split: str, full: bool = True) -> None:
+    """Raise a one-line UserError for the first problem ``shard_problems`` finds in ``split``."""
+    problem = next(shard_problems(info, split, full), None)
+    if problem is not None:
+        raise UserError(problem)
+
+
+def shard_problems(info: DatasetInfo, split: str, full: bool = True) -> Iterator[str]:
+    """One line per damaged local shard of ``split``, naming it and the command that rebuilds it.
+
+    Always: the shard exists with the byte size dataset.json records. ``full`` also reads every byte:
+    the sha256, the tar to its end, labels within the classes, and (when every shard passed) the
+    labels adding up to the split's class counts. Remote shards are checked as they stream instead.
+    """
+    s = info.split(split)
+    fix = f"rebuild it with {info.rebuild}"
+    counts = [0] * info.num_classes
+    damaged = False
+    for i, rel in enumerate(s.shards):
+        if "://" in rel:
+            continue
+        path = info.root / rel
+        size = s.shard_bytes[i] if s.shard_bytes else None
+        sha = s.shard_sha256[i] if s.shard_sha256 else None
+        problem = _shard_problem(path, size, sha, counts if full else None)
+        if problem is not None:
+            damaged = True
+            yield f"{path}: {problem}; {fix}"
+    if full and not damaged and counts != s.class_counts and not any("://" in rel for rel in s.shards):
+        k = next(k for k, (a, b) in enumerate(zip(counts, s.class_counts)) if a != b)
+        yield (f"{info.root / DATASET_FILE}: split '{split}' lists {s.class_counts[k]} samples of class {k} "
+               f"({info.classnames[k]!r}) but its shards hold {counts[k]}; {fix}")
+
+
+def _shard_problem(path: Path, size: int | None, sha256: str | None, counts: list[int] | None) -> str | None:
+    """What is wrong with one shard, or None; ``counts`` (full check) collects its labels."""
+    from pipeline.runtime import sha256_file
+
+    if not path.is_file():
+        return f"shard listed in {DATASET_FILE} is missing"
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        what = "empty shard" if actual == 0 else "truncated or damaged shard"
+        return f"{what} ({actual} bytes, {DATASET_FILE} records {size})"
+    if counts is None:
+        return None
+    if sha256 is not None and sha256_file(path) != sha256:
+        return f"damaged shard (its sha256 differs from {DATASET_FILE}'s)"
+    try:
+        for sample in read_shard(path):
+            if not 0 <= sample.label < len(counts):
+                return f"label {sample.label} of '{sample.key}' is outside the {len(counts)} classes"
+            counts[sample.label] += 1
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        return f"unreadable shard ({e.__class__.__name__}: {' '.join(str(e).split())})"
+    return None
 
 
 def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:

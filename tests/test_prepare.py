@@ -5,6 +5,9 @@ import io
 import json
 import os
 import pickle
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +22,9 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.errors import UserError
+from pipeline.runtime import sha256_file
 from stages.prepare import cifar_lt_counts, prepare_cifar100_lt, prepare_lists, prepare_synthetic
-from store.shards import load_dataset, read_shard
+from store.shards import load_dataset, read_shard, verify_shards
 
 
 def _all_samples(root: Path, split: str):
@@ -207,3 +211,111 @@ def test_interrupted_prepare_resumes_to_identical_shards(tmp_path):
     assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     for f in files:
         assert (ref / f).read_bytes() == (out / f).read_bytes(), f
+
+
+# ---------------------------------------------------------------- option checks, shard records, rebuilding
+@pytest.mark.parametrize("args, message", [
+    (["synthetic", "--imbalance", "nan"], "--imbalance nan: must be a finite ratio"),
+    (["synthetic", "--imbalance", "inf"], "--imbalance inf: must be a finite ratio"),
+    (["synthetic", "--imbalance", "0.5"], "--imbalance 0.5: must be a finite ratio n_max / n_min at least 1"),
+    (["synthetic", "--shard-size", "0"], "--shard-size 0: must be an integer at least 1"),
+    (["synthetic", "--seed", "-1"], "--seed -1: must be an integer from 0 to 4294967295"),
+    (["synthetic", "--max-count", "0"], "--max-count 0: must be an integer at least 1"),
+    (["synthetic", "--test-per-class", "0"], "--test-per-class 0: must be an integer at least 1"),
+    (["synthetic", "--val-per-class", "0"], "--val-per-class 0: must be an integer at least 1"),
+    (["synthetic", "--image-size", "4"], "--image-size 4: must be an integer from 8 to 1024"),
+    (["cifar100-lt", "--archive", "a.tar.gz", "--imbalance", "501"], "--imbalance 501.0: .* from 1 to 500"),
+    (["cifar100-lt", "--archive", "a.tar.gz", "--seed", "4294967296"], "--seed 4294967296: must be an integer"),
+    (["cifar100-lt", "--archive", "a.tar.gz", "--shard-size", "-5"], "--shard-size -5: must be an integer"),
+    (["list", "--root", "r", "--train-list", "a", "--test-list", "b", "--seed", "-2"], "--seed -2: must be an integer"),
+    (["list", "--root", "r", "--train-list", "a", "--test-list", "b", "--shard-size", "0"], "--shard-size 0: must be"),
+    (["list", "--root", "r", "--train-list", "a", "--test-list", "b", "--name", " "], "--name ' ': must be a non-empty"),
+])
+def test_every_option_is_checked_before_anything_is_read_or_written(tmp_path, args, message):
+    # The inputs named (a.tar.gz, lists, root) do not exist: the option is refused before they are looked at.
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["prepare", *args, "--out", str(out)])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)  # an error message, no traceback
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and re.match(f"Error: {message}", lines[0]), result.output
+    assert not out.exists()
+
+
+SMALL = ["--max-count", "40", "--imbalance", "10", "--test-per-class", "2", "--val-per-class", "1", "--shard-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A small synthetic dataset written through the CLI (8 train shards), read-only in the tests."""
+    out = tmp_path_factory.mktemp("small") / "shapes"
+    result = CliRunner().invoke(main, ["prepare", "synthetic", *SMALL, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_dataset_json_records_each_shard_and_the_command_that_rebuilds_it(small, tmp_path):
+    info = load_dataset(small)
+    for split, s in info.splits.items():
+        assert s.shard_bytes == [(small / rel).stat().st_size for rel in s.shards]
+        assert s.shard_sha256 == [sha256_file(small / rel) for rel in s.shards]
+    # The recorded command (less --out) writes the same dataset anywhere: it is what errors tell users to run.
+    assert info.command.startswith("ballad-pipe prepare synthetic ") and "--out" not in info.command
+    again = tmp_path / "again"
+    result = CliRunner().invoke(main, shlex.split(info.command)[1:] + ["--out", str(again)])
+    assert result.exit_code == 0, result.output
+    assert _files(again) == _files(small)
+
+
+def test_dataset_json_without_shard_records_still_loads(small, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(small, old)
+    meta = json.loads((old / "dataset.json").read_text())
+    del meta["command"]
+    for s in meta["splits"].values():
+        del s["shard_bytes"], s["shard_sha256"]
+    (old / "dataset.json").write_text(json.dumps(meta))
+    info = load_dataset(old)
+    assert info.command is None and len(info.urls("train")) == 8
+    verify_shards(info, "train")  # tar and labels are still checked in full
+    (old / "train" / "shard-000001.tar").unlink()
+    with pytest.raises(UserError, match=r"shard-000001.tar: shard listed in dataset.json is missing; rebuild it with "
+                                        r"`ballad-pipe prepare … --out .*old`"):
+        info.urls("train")
+
+
+def _damage(root: Path, how: str) -> Path:
+    shard = root / "train" / "shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    if how == "flip":
+        data[1500] ^= 0x01  # inside the first image: same size, the tar still reads
+    elif how == "truncate":
+        data = data[:3000]
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+@pytest.mark.parametrize("how, cheap_check_sees_it, message", [
+    ("truncate", True, r"truncated or damaged shard \(3000 bytes, dataset.json records \d+\)"),
+    ("flip", False, r"damaged shard \(its sha256 differs from dataset.json's\)"),
+])
+def test_damaged_shard_is_named_with_its_rebuild_command_and_prepare_rebuilds_it(small, tmp_path, how,
+                                                                                  cheap_check_sees_it, message):
+    out = tmp_path / "d"
+    shutil.copytree(small, out)
+    shard = _damage(out, how)
+    info = load_dataset(out)
+    full = f"{re.escape(str(shard))}: {message}; rebuild it with `{re.escape(info.command)} --out {re.escape(str(out))}`"
+    if cheap_check_sees_it:  # readers (Phase A, extract) compare sizes at every start
+        with pytest.raises(UserError, match=full):
+            info.urls("train")
+    else:
+        assert len(info.urls("train")) == 8
+    with pytest.raises(UserError, match=full):
+        verify_shards(info, "train")
+    result = CliRunner().invoke(main, shlex.split(info.command)[1:] + ["--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert _files(out) == _files(small)

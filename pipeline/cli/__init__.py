@@ -5,6 +5,7 @@ fast (torch is not imported until a stage needs it).
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -24,7 +25,22 @@ COMMANDS = {
     "report": "pipeline.cli.report:report",
     "export": "pipeline.cli.bundle:export",
     "predict": "pipeline.cli.bundle:predict",
+    "verify": "pipeline.cli.verify:verify",
 }
+
+# OS errors the user fixes outside the pipeline (space, permissions): one line naming the path, as a
+# UserError is printed. Every stage writes through temporary files and renames, so what is on disk is
+# the resumable state an interrupted run leaves. Any other OSError is a bug and keeps its traceback.
+SPACE = "free some space and re-run the command (prepare and extract resume, phase-a with --resume)"
+ACCESS = "make it writable or choose another output, then re-run the command"
+OS_ERRORS = {errno.ENOSPC: ("no space left on device", SPACE), errno.EDQUOT: ("disk quota exceeded", SPACE),
+             errno.EACCES: ("permission denied", ACCESS), errno.EPERM: ("operation not permitted", ACCESS),
+             errno.EROFS: ("read-only file system", ACCESS)}
+
+
+def os_error_message(e: OSError) -> str:
+    what, advice = OS_ERRORS[e.errno]
+    return f"{e.filename if e.filename is not None else '(the OS named no file)'}: {what}; {advice}"
 
 
 class LazyGroup(click.Group):
@@ -48,6 +64,10 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except UserError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            if e.errno not in OS_ERRORS:
+                raise
+            raise click.ClickException(os_error_message(e)) from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
