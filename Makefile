@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast install bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The everyday loop: everything but the end-to-end subprocess tests, with the slowest ten listed.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" --durations=10
 
 bench: $(STAMP)
 	$(BIN)/python -m bench --quick
