@@ -15,7 +15,7 @@ import time
 
 os.environ.setdefault("BALLAD_PROGRESS", "0")  # no progress bars inside timed code
 
-BENCHES = ("phase_b_cached", "phase_b_imagenet", "sweep", "text_truncation", "extract", "store_read", "scaling")
+BENCHES = ("phase_b_cached", "phase_b_imagenet", "sweep", "text_truncation", "extract", "store_read", "scaling", "phase_b_views")
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,9 @@ checkpoint, class list, embed dim). Loading checks each tensor file against bund
 
 Predictions run through the functions extraction and evaluation use (stages.extract.image_features,
 stages.adapter.embed_all, stages.evaluate.class_logits), with features rounded to the store's dtype,
-so a bundle predicts on the test images what `evaluate` reports.
+so a bundle predicts on the test images what `evaluate` reports. ``tta`` (`predict --tta MODE`) builds
+the test-time views of `extract --test-views MODE` with the same function (stages.extract.tta_views)
+and averages their logits as `evaluate --tta mean` does (stages.evaluate.view_logits).
 """
 from __future__ import annotations
 
@@ -179,25 +181,37 @@ class Bundle:
             known.update(zip(new, torch.from_numpy(emb).to(self.device)))
         self.classnames, self.text = names, torch.stack([known[n] for n in names])
 
-    def logits(self, images) -> torch.Tensor:
-        """[N, K] class logits (on the CPU) of PIL images, computed as extract + evaluate compute them."""
+    def logits(self, images, tta: str = "none") -> torch.Tensor:
+        """[N, K] class logits (on the CPU) of PIL images, computed as extract + evaluate compute them.
+
+        ``tta``: none, or an `extract --test-views` mode whose views' logits are averaged.
+        """
         from stages.adapter import embed_all
-        from stages.evaluate import class_logits
-        from stages.extract import image_features
+        from stages.evaluate import class_logits, view_logits
+        from stages.extract import image_features, split_transform, tta_views, view_features
 
         model = self.backbone.model.eval()
-        batch = torch.stack([self.backbone.eval_transform(im) for im in images])
         with torch.inference_mode():
-            feats = image_features(model, batch, self.device, self.feature_dtype)
-            return class_logits(self.adapter, embed_all(self.adapter, feats), self.text)
+            if tta == "none":
+                batch = torch.stack([self.backbone.eval_transform(im) for im in images])
+                feats = image_features(model, batch, self.device, self.feature_dtype)
+                return class_logits(self.adapter, embed_all(self.adapter, feats), self.text)
+            per_image, normalize = split_transform(self.backbone.eval_transform)
+            views = tta_views(per_image, tta)
+            feats = view_features(model, torch.stack([views(im) for im in images]), self.device, self.feature_dtype,
+                                  normalize, batch_size=len(images))
+            return view_logits(self.adapter, feats, self.text)
 
-    def predict(self, images, top_k: int = 5, batch_size: int = 64) -> list[list[tuple[str, float]]]:
-        """Per image, the ``top_k`` (class name, probability) pairs, best first."""
+    def predict(self, images, top_k: int = 5, batch_size: int = 64, tta: str = "none") -> list[list[tuple[str, float]]]:
+        """Per image, the ``top_k`` (class name, probability) pairs, best first (``tta``: see ``logits``)."""
+        from stages.extract import check_test_views
+
         if top_k < 1 or batch_size < 1:
             raise UserError(f"top_k {top_k} and batch_size {batch_size}: both must be at least 1")
+        check_test_views(tta, "--tta")
         images, out = list(images), []
         for i in range(0, len(images), batch_size):
-            probs = self.logits(images[i:i + batch_size]).float().softmax(dim=1)
+            probs = self.logits(images[i:i + batch_size], tta).float().softmax(dim=1)
             p, c = probs.topk(min(top_k, probs.shape[1]), dim=1)
             out += [[(self.classnames[j], float(q)) for j, q in zip(cs, ps)] for cs, ps in zip(c.tolist(), p.tolist())]
         return out
@@ -246,7 +260,7 @@ def image_files(inputs) -> list[Path]:
     return files
 
 
-def predict_files(bundle: Bundle, paths, top_k: int = 5, batch_size: int = 64):
+def predict_files(bundle: Bundle, paths, top_k: int = 5, batch_size: int = 64, tta: str = "none"):
     """Yield (path, predictions, None) or (path, None, error) per path, in order, ``batch_size`` images at a time."""
     from PIL import Image
 
@@ -258,6 +272,6 @@ def predict_files(bundle: Bundle, paths, top_k: int = 5, batch_size: int = 64):
                     images.append(im.convert("RGB"))  # as store.stream decodes shard images
             except Exception as e:  # any open/decode failure means the same: this file is skipped
                 errors[p] = e.__class__.__name__
-        preds = iter(bundle.predict(images, top_k, batch_size) if images else [])
+        preds = iter(bundle.predict(images, top_k, batch_size, tta) if images else [])
         for p in chunk:
             yield (p, None, errors[p]) if p in errors else (p, next(preds), None)

@@ -12,6 +12,10 @@ Metrics, all in percent:
 Two optional, additive changes to the logits, neither in the paper nor the official code: the kNN
 cache of stages/knn.py and post-hoc logit adjustment (Menon et al. 2021), logits − τ·log π with π
 the train class prior (a class without train samples counts as one sample).
+
+``tta="mean"`` is LIFT's test-time ensembling, not BALLAD's (the authors score the centre crop alone,
+our default): the class logits of each of the store's test-time views (`extract --test-views`) after
+the adapter, averaged. The kNN cache still looks up the eval-transform feature of each sample.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from stages.adapter import Adapter, embed_all, load_adapter
 from stages.knn import KnnConfig, knn_logits
 
 ECE_BINS = 15
+TTA_MODES = ("none", "mean")
 
 
 def check_thresholds(many: int, few: int) -> None:
@@ -76,6 +81,15 @@ def class_logits(model: Adapter, emb: torch.Tensor, text: torch.Tensor) -> torch
         return (emb @ model.classifier(text).T).cpu()
 
 
+def view_logits(model: Adapter, views: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Test-time ensembling: the mean over views [T, N, D] of each view's class logits, on the CPU.
+    Summed view by view, so memory holds one [N, K] matrix and a running sum, not T of them."""
+    total = class_logits(model, embed_all(model, views[0]), text)
+    for view in views[1:]:
+        total += class_logits(model, embed_all(model, view), text)
+    return total / len(views)
+
+
 def log_prior(train_counts: np.ndarray) -> torch.Tensor:
     counts = np.maximum(train_counts, 1).astype(np.float64)
     return torch.from_numpy(np.log(counts / counts.sum())).float()
@@ -83,24 +97,35 @@ def log_prior(train_counts: np.ndarray) -> torch.Tensor:
 
 def evaluate(features: str | Path, out: str | Path, adapter: str | None = None, split: str = "test",
              many: int = 100, few: int = 20, logit_adjust: float = 0.0, knn: KnnConfig = KnnConfig(),
-             device: str | None = None) -> dict:
+             tta: str = "none", device: str | None = None) -> dict:
     """Score ``split`` and write metrics.json, per_class.csv, predictions.npz and per_class.png to ``out``."""
     from store.features import FeatureStore
 
     check_thresholds(many, few)
     knn.check()
+    if tta not in TTA_MODES:
+        raise UserError(f"--tta {tta}: choose one of {', '.join(TTA_MODES)}")
     store = FeatureStore.open(features)
+    views = store.tta_mode(split)  # also refuses a split the store lacks
+    if tta == "mean" and views is None:
+        raise UserError(f"--tta mean: split '{split}' of {features} has no test-time views; re-extract with "
+                        f"`ballad-pipe extract … --test-views five-crop` (or flip, ten-crop)")
     dev = pick_device(device)
     model = load_adapter(adapter, store, features).to(dev)
     feats, labels = store.features(split, device=dev)
     emb = embed_all(model, feats)
-    logits = class_logits(model, emb, store.text_embeddings(device=dev))
+    text = store.text_embeddings(device=dev)
+    if tta == "mean":
+        logits = view_logits(model, store.tta_features(split, device=dev), text)
+    else:
+        logits = class_logits(model, emb, text)
     if knn.k:
         logits += knn_logits(model, store, emb, knn, dev)
     if logit_adjust:
         logits -= logit_adjust * log_prior(store.train_class_counts)
     counts = store.train_class_counts
     result = score(logits, labels.cpu().numpy(), counts, many, few)
+    result["metrics"].update(tta=tta, tta_views=views if tta == "mean" else None)
     write_report(Path(out), result, store.classnames, counts, store.keys(split), labels.cpu().numpy(), many, few)
     return result["metrics"]
 

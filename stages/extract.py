@@ -4,36 +4,53 @@ Each process (one, or one per torchrun rank) takes a contiguous range of every s
 stages one file per finished shard inside the store; then all processes write disjoint chunks of the
 split's arrays from those files. Batches never cross a shard and always start at its first sample,
 so a shard's features are the same whichever process, run or resume computes them.
+
+Besides the eval-transform feature of every image, the store can hold extra views of each image:
+``--train-views V`` random train-transform views of every train image (what the authors' Phase B
+sees: it runs the frozen backbone on a fresh augmentation at every draw, which a one-feature cache
+would drop), and ``--test-views MODE`` LIFT's test-time views of the other splits. A train view's
+randomness is a pure function of (``--view-seed``, sample key, view index), so views too are the
+same whichever process, run or resume computes them.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import shlex
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.text import ENSEMBLE_TEMPLATES
-from store.features import FORMAT, SplitWriter, create_store, make_fingerprint, write_text
+from store.features import (FORMAT, TTA, VIEWS, ExtraViews, SplitWriter, create_store, make_fingerprint,
+                            write_text)
 
 log = logging.getLogger("ballad.extract")
 
 DTYPES = ("float16", "float32")
+MAX_TRAIN_VIEWS = 1024
+TEST_VIEWS = {"none": 0, "flip": 2, "five-crop": 5, "ten-crop": 10}  # mode -> views per image
 
 
 def extract(ckpt: str, data, out, *, model: str | None = None, pretrained: str | None = None,
             splits: list[str] | None = None, batch_size: int = 256, workers: int | None = None, dtype: str = "float16",
-            templates: str = "single", strict: bool = False, overwrite: bool = False, device: str | None = None) -> dict:
+            templates: str = "single", strict: bool = False, overwrite: bool = False, device: str | None = None,
+            train_views: int = 0, view_seed: int = 0, test_views: str = "none") -> dict:
     """Extract features of ``splits`` of the shards in ``data`` into the store ``out``; resumes.
 
-    Returns, per split, how many shards this process computed (0 when the split was already complete).
+    The main process holds ``out``'s write lock (pipeline/locks.py) from before anything is written
+    until the end, so a second extract on the same store stops with a one-line error and leaves the
+    first one's store alone. Returns, per split, how many shards this process computed (0 when the
+    split was already complete).
     """
     from pipeline.distributed import barrier, cleanup, device_for, init_distributed
+    from pipeline.locks import exclusive_lock
     from pipeline.models import create_model
     from store.shards import load_dataset
 
@@ -43,6 +60,11 @@ def extract(ckpt: str, data, out, *, model: str | None = None, pretrained: str |
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     if workers is not None and workers < 0:
         raise UserError(f"--workers {workers}: must be 0 (decode in the main process) or more")
+    if not 0 <= train_views <= MAX_TRAIN_VIEWS:
+        raise UserError(f"--train-views {train_views}: must be between 0 (none) and {MAX_TRAIN_VIEWS}")
+    if view_seed < 0:
+        raise UserError(f"--view-seed {view_seed}: must be 0 or more")
+    check_test_views(test_views, "--test-views")
     workers = default_workers() if workers is None else workers
     dataset = load_dataset(data)
     splits = list(splits or dataset.splits)
@@ -52,28 +74,61 @@ def extract(ckpt: str, data, out, *, model: str | None = None, pretrained: str |
 
     dist = init_distributed()
     try:
-        dev = device_for(dist, device)
-        import torch
+        with contextlib.ExitStack() as held:
+            on_main(dist, lambda: held.enter_context(exclusive_lock(out)))  # before anything is written
+            dev = device_for(dist, device)
+            import torch
 
-        torch.manual_seed(0)  # layers no checkpoint covers (a random-init `--ckpt none`) start the same in every run and rank
-        backbone = create_model(model, pretrained=str(ckpt_path) if ckpt_path else pretrained, device=dev)
-        attrs = store_attrs(backbone, dataset, ckpt_path, pretrained, dtype, template_list,
-                            command(ckpt, data, out, model, pretrained, dtype, templates))
-        if dist.is_main:
-            group = create_store(out, attrs, overwrite)
-            emb, prompts = text_embeddings(backbone, dataset.classnames, template_list, dev)
-            write_text(group, emb, prompts, template_list)
-        barrier(dist)
-        import zarr
+            # Layers no checkpoint covers (a random-init `--ckpt none`) start the same in every run and rank.
+            torch.manual_seed(0)
+            backbone = create_model(model, pretrained=str(ckpt_path) if ckpt_path else pretrained, device=dev)
+            views = {"train_views": train_views, "view_seed": view_seed, "test_views": test_views}
+            attrs = store_attrs(backbone, dataset, ckpt_path, pretrained, dtype, template_list, views,
+                                command(ckpt, data, out, model, pretrained, dtype, templates, **views))
 
-        group = zarr.open_group(str(out), mode="r+")
-        done = {}
-        for split in splits:
-            done[split] = _extract_split(group, split, urls[split], backbone, dev, dist, batch_size, workers,
-                                         dtype, strict)
-        return done
+            def create():
+                # Phase A --classifier head: its trained classifier, not the prompts, holds the class embeddings
+                head = backbone.class_head(dataset.num_classes)
+                group = create_store(out, {**attrs, "classifier": "text" if head is None else "head"}, overwrite)
+                emb, prompts = text_embeddings(backbone, dataset.classnames, template_list, dev)
+                write_text(group, emb if head is None else head, prompts, template_list)
+
+            on_main(dist, create)
+            import zarr
+
+            group = zarr.open_group(str(out), mode="r+")
+            done = {}
+            for split in splits:
+                spec = split_views(backbone, split, train_views, view_seed, test_views)
+                done[split] = _extract_split(group, split, urls[split], backbone, dev, dist, batch_size, workers,
+                                             dtype, strict, spec)
+            return done
     finally:
         cleanup(dist)
+
+
+def check_test_views(mode: str, option: str) -> None:
+    if mode not in TEST_VIEWS:
+        raise UserError(f"{option} {mode}: choose one of {', '.join(TEST_VIEWS)}")
+
+
+def on_main(dist, fn: Callable[[], object]) -> None:
+    """Run ``fn`` in the main process only; a UserError there stops every rank with the same message
+    (instead of leaving the other ranks waiting at the next barrier). Also a barrier."""
+    error = None
+    if dist.is_main:
+        try:
+            fn()
+        except UserError as e:
+            error = str(e)
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        box = [error]
+        tdist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
 
 
 def default_workers() -> int:
@@ -82,10 +137,10 @@ def default_workers() -> int:
     return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
-def _extract_split(group, split, urls, backbone, dev, dist, batch_size, workers, dtype, strict) -> int:
+def _extract_split(group, split, urls, backbone, dev, dist, batch_size, workers, dtype, strict, spec) -> int:
     from pipeline.distributed import barrier
 
-    writer = SplitWriter(group, split, len(urls), dtype)
+    writer = SplitWriter(group, split, len(urls), dtype, extra=spec.extra if spec else None)
     if split in group and group[split].attrs.get("complete"):
         log.info("%s: already complete in %s", split, group.store.root)
         if dist.is_main:
@@ -99,10 +154,110 @@ def _extract_split(group, split, urls, backbone, dev, dist, batch_size, workers,
     if len(todo) < len(mine):
         log.info("%s: %d of %d shard(s) already extracted, computing %d", split, len(mine) - len(todo), len(mine), len(todo))
     if todo:
-        run_shards(writer, [(s, urls[s]) for s in todo], backbone, dev, batch_size, workers, strict)
+        run_shards(writer, [(s, urls[s]) for s in todo], backbone, dev, batch_size, workers, strict, spec)
     barrier(dist)
     writer.finish(backbone.embed_dim, dist.rank, dist.world_size, lambda: barrier(dist))
     return len(todo)
+
+
+# ---------------------------------------------------------------- extra views of an image
+class ViewSpec(NamedTuple):
+    """A split's extra views: what the store records (``extra``), the per-image part that loader
+    workers run (``per_image(img, key)`` → [E, H, W, 3] uint8, see ``split_transform``) and the
+    batched rest on the model's device (``normalize``)."""
+
+    extra: ExtraViews
+    per_image: Callable
+    normalize: Callable | None
+
+
+def split_views(backbone, split: str, train_views: int, view_seed: int, test_views: str) -> ViewSpec | None:
+    """Train views for the train split, test-time views for the others, or None."""
+    if split == "train":
+        if not train_views:
+            return None
+        per_image, normalize = split_transform(backbone.train_transform)
+        return ViewSpec(ExtraViews(VIEWS, train_views, train_views), TrainViews(per_image, train_views, view_seed),
+                        normalize)
+    if test_views == "none":
+        return None
+    per_image, normalize = split_transform(backbone.eval_transform)
+    return ViewSpec(ExtraViews(TTA, TEST_VIEWS[test_views], test_views), tta_views(per_image, test_views),
+                    normalize)
+
+
+def view_rng_seed(seed: int, key: str, view: int) -> int:
+    """The torch seed of view ``view`` of sample ``key``: a hash, so the same in every process and run
+    (Python's ``hash`` of a str is salted per process)."""
+    digest = hashlib.blake2b(f"{seed}/{key}/{view}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch seeds are < 2**64; keep clear of the sign bit
+
+
+class TrainViews:
+    """``count`` draws of a random transform per image, draw v of sample ``key`` seeded with
+    ``view_rng_seed(seed, key, v)``. The transforms draw from torch's global CPU generator, which is
+    seeded per view and restored afterwards (so the main process's own random state is untouched)."""
+
+    def __init__(self, transform: Callable, count: int, seed: int):
+        self.transform, self.count, self.seed = transform, count, seed
+
+    def __call__(self, img, key: str):
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            views = []
+            for v in range(self.count):
+                torch.default_generator.manual_seed(view_rng_seed(self.seed, key, v))
+                views.append(self.transform(img))
+        return torch.stack(views)
+
+
+class TtaViews:
+    """LIFT's test-time views of a PIL image (resize, then crops; see ``tta_views``), each
+    finished by ``finish``; ``__call__`` stacks them."""
+
+    def __init__(self, mode: str, resize: Callable, size: tuple[int, int], finish: Callable):
+        self.mode, self.resize, self.size, self.finish = mode, resize, size, finish
+        self.count = TEST_VIEWS[mode]
+
+    def crops(self, img) -> list:
+        from torchvision.transforms import functional as F
+
+        big = self.resize(img)
+        if self.mode == "flip":
+            centre = F.center_crop(big, self.size)
+            return [centre, F.hflip(centre)]
+        return list(F.five_crop(big, self.size) if self.mode == "five-crop" else F.ten_crop(big, self.size))
+
+    def __call__(self, img, key: str | None = None):
+        import torch
+
+        return torch.stack([self.finish(c) for c in self.crops(img)])
+
+
+def tta_views(transform, mode: str) -> TtaViews:
+    """The test-time views of ``mode`` built from an eval ``transform`` (Resize, CenterCrop(s), then the rest).
+
+    As LIFT's test-time ensembling: resize the shorter side to s + round(24 s / 224) (LIFT: 224 + 24)
+    with the eval transform's interpolation, then `five-crop` = the four corner crops and the centre
+    crop of s × s, `ten-crop` = those and their mirror images, `flip` (ours) = the centre crop and its
+    mirror image. The steps after the CenterCrop finish every view. LIFT resizes bilinearly; we keep
+    the eval transform's bicubic. `extract` (per-image part of split_transform) and `predict` (stages/bundle.py)
+    both build their views here.
+    """
+    from torchvision import transforms as T
+
+    if not TEST_VIEWS.get(mode):
+        raise UserError(f"test-time views {mode}: choose one of {', '.join(m for m, n in TEST_VIEWS.items() if n)}")
+    steps = list(transform.transforms)
+    kinds = [type(t) for t in steps]
+    if T.Resize not in kinds or T.CenterCrop not in kinds:
+        raise UserError(f"test-time views ({mode}) need an eval transform with Resize and CenterCrop, got {transform}")
+    resize, at = steps[kinds.index(T.Resize)], kinds.index(T.CenterCrop)
+    size = tuple(steps[at].size)
+    bigger = T.Resize(size[0] + round(size[0] * 24 / 224), interpolation=resize.interpolation,
+                      antialias=resize.antialias)
+    return TtaViews(mode, bigger, size, T.Compose(steps[at + 1:]))
 
 
 # ---------------------------------------------------------------- the image side
@@ -114,6 +269,7 @@ class _Batch(NamedTuple):
     labels: "torch.Tensor | None"  # noqa: F821
     skipped: list
     error: str | None = None
+    views: "torch.Tensor | None" = None  # noqa: F821  [B, E, …] extra views of each image
 
 
 def _shard_batches_class():
@@ -122,8 +278,9 @@ def _shard_batches_class():
     class ShardBatches(torch.utils.data.IterableDataset):
         """Decodes whole shards in loader workers; worker w takes shards w, w + W, …"""
 
-        def __init__(self, shards, transform, batch_size, strict):
+        def __init__(self, shards, transform, batch_size, strict, views=None):
             self.shards, self.transform, self.batch_size, self.strict = shards, transform, batch_size, strict
+            self.views = views
 
         def __iter__(self):
             info = torch.utils.data.get_worker_info()
@@ -133,20 +290,20 @@ def _shard_batches_class():
                     yield from self._batches(shard, url)
                 except UserError as e:
                     # Raised across the worker boundary it would arrive wrapped in a traceback.
-                    yield _Batch(shard, True, [], None, None, [], str(e))
+                    yield _Batch(shard, True, [], None, None, [], error=str(e))
                     return
                 except Exception as e:  # a truncated or unreadable tar, named by its path
-                    yield _Batch(shard, True, [], None, None, [], f"{url}: unreadable shard ({e.__class__.__name__}: {e})")
+                    yield _Batch(shard, True, [], None, None, [],
+                                 error=f"{url}: unreadable shard ({e.__class__.__name__}: {e})")
                     return
 
         def _batches(self, shard, url):
             from store.stream import sample_stream
 
             skipped, batch = [], []
-            stream = sample_stream([url], self.transform, split_by_worker=False, strict=self.strict,
-                                   on_bad=skipped.append)
-            for sample in stream:
-                batch.append(sample)
+            stream = sample_stream([url], None, split_by_worker=False, strict=self.strict, on_bad=skipped.append)
+            for key, img, label in stream:
+                batch.append((key, self.transform(img), label, self.views(img, key) if self.views else None))
                 if len(batch) == self.batch_size:
                     yield _collate(shard, False, batch, [])
                     batch = []
@@ -160,8 +317,9 @@ def _collate(shard, last, batch, skipped) -> _Batch:
 
     if not batch:
         return _Batch(shard, last, [], None, None, skipped)
-    keys, images, labels = zip(*batch)
-    return _Batch(shard, last, list(keys), torch.stack(images), torch.tensor(labels, dtype=torch.int32), skipped)
+    keys, images, labels, views = zip(*batch)
+    return _Batch(shard, last, list(keys), torch.stack(images), torch.tensor(labels, dtype=torch.int32), skipped,
+                  views=None if views[0] is None else torch.stack(views))
 
 
 def split_transform(transform):
@@ -193,17 +351,24 @@ def normalised(images, dev, normalize):
     return normalize(x.permute(0, 3, 1, 2).float().div(255).contiguous())
 
 
-def make_loader(shards, transform, batch_size, workers, strict, pin_memory=False):
+def make_loader(shards, transform, batch_size, workers, strict, pin_memory=False, views=None):
+    """Batches of whole shards; ``views(img, key)``, if given, adds each image's ``views.count`` extra views.
+
+    A batch with views holds 1 + count times the pixels (at 224 px, batch 256 and 8 views: 0.35 GB of
+    uint8) and takes as many times longer to forward, so fewer batches wait per worker.
+    """
     import torch
 
-    dataset = _shard_batches_class()(shards, transform, batch_size, strict)
+    dataset = _shard_batches_class()(shards, transform, batch_size, strict, views)
     workers = min(workers, len(shards))
+    prefetch = max(1, 4 // (1 + (views.count if views else 0)))
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                       prefetch_factor=4 if workers else None)
+                                       prefetch_factor=prefetch if workers else None)
 
 
-def run_shards(writer: SplitWriter, shards, backbone, dev, batch_size, workers, strict) -> None:
-    """Compute and stage ``shards`` [(index, url)] of one split."""
+def run_shards(writer: SplitWriter, shards, backbone, dev, batch_size, workers, strict,
+               views: ViewSpec | None = None) -> None:
+    """Compute and stage ``shards`` [(index, url)] of one split (with ``views``: their extra views too)."""
     import torch
 
     from pipeline.runtime import progress
@@ -211,8 +376,9 @@ def run_shards(writer: SplitWriter, shards, backbone, dev, batch_size, workers, 
     model = backbone.model.to(dev).eval()
     store_dtype = getattr(torch, writer.dtype.name)
     per_image, normalize = split_transform(backbone.eval_transform)
-    loader = make_loader(shards, per_image, batch_size, workers, strict, pin_memory=dev.type == "cuda")
-    pending: dict[int, list[tuple]] = {}  # shard -> (keys, labels, features) per batch so far
+    loader = make_loader(shards, per_image, batch_size, workers, strict, pin_memory=dev.type == "cuda",
+                         views=views.per_image if views else None)
+    pending: dict[int, list[tuple]] = {}  # shard -> (keys, labels, features, view features) per batch so far
     bar = progress(total=len(shards), desc=f"extract {writer.split}", unit="shard")
     with torch.inference_mode():
         for b in loader:
@@ -222,7 +388,9 @@ def run_shards(writer: SplitWriter, shards, backbone, dev, batch_size, workers, 
             if b.keys:
                 # Kept on the device until the shard ends, so a GPU is not stalled by a copy per batch.
                 images = normalised(b.images, dev, normalize)
-                parts.append((b.keys, b.labels, image_features(model, images, dev, store_dtype)))
+                extra = (view_features(model, b.views, dev, store_dtype, views.normalize, batch_size)
+                         if views else None)
+                parts.append((b.keys, b.labels, image_features(model, images, dev, store_dtype), extra))
             if b.last:
                 _stage(writer, b.shard, pending.pop(b.shard), b.skipped, backbone.embed_dim)
                 bar.update(1)
@@ -241,6 +409,17 @@ def image_features(model, images, dev, dtype):
     return feats.to(dtype)
 
 
+def view_features(model, views, dev, dtype, normalize, batch_size: int):
+    """[E, B, D] stored features of a batch's extra views [B, E, …] (``split_transform``'s per-image
+    output), forwarded ``batch_size`` images at a time. `predict --tta` calls this too."""
+    import torch
+
+    flat = views.flatten(0, 1)
+    feats = [image_features(model, normalised(flat[i:i + batch_size], dev, normalize), dev, dtype)
+             for i in range(0, len(flat), batch_size)]
+    return torch.cat(feats).view(views.shape[0], views.shape[1], -1).transpose(0, 1)
+
+
 def _stage(writer, shard, parts, skipped, embed_dim):
     import torch
 
@@ -250,7 +429,11 @@ def _stage(writer, shard, parts, skipped, embed_dim):
     keys = [k for p in parts for k in p[0]]
     labels = torch.cat([p[1] for p in parts]).numpy() if parts else np.zeros(0, np.int32)
     image = torch.cat([p[2] for p in parts]).cpu().numpy() if parts else np.zeros((0, embed_dim), writer.dtype)
-    writer.stage(shard, image, labels, keys, skipped)
+    extra = None
+    if writer.extra is not None:
+        extra = (torch.cat([p[3] for p in parts], dim=1).cpu().numpy() if parts
+                 else np.zeros((writer.extra.count, 0, embed_dim), writer.dtype))
+    writer.stage(shard, image, labels, keys, skipped, extra)
 
 
 # ---------------------------------------------------------------- the text side and metadata
@@ -323,11 +506,14 @@ def resolve_checkpoint(ckpt: str, model: str | None, pretrained: str | None):
     return path, model, pretrained
 
 
-def store_attrs(backbone, dataset, ckpt_path, pretrained, dtype, templates, cmd) -> dict:
+def store_attrs(backbone, dataset, ckpt_path, pretrained, dtype, templates, views: dict, cmd) -> dict:
+    """Root attributes; ``views`` holds train_views, view_seed and test_views (the seed and the train
+    transform are recorded only with train views: without them they change nothing in the store)."""
     from pipeline.runtime import sha256_file
 
     ckpt_sha = sha256_file(ckpt_path) if ckpt_path else None
     train = dataset.splits.get("train")
+    with_views = views["train_views"] > 0
     return {
         "format": FORMAT,
         "fingerprint": make_fingerprint(backbone.name, pretrained, ckpt_sha, dataset.classnames, backbone.embed_dim),
@@ -338,7 +524,10 @@ def store_attrs(backbone, dataset, ckpt_path, pretrained, dtype, templates, cmd)
         "train_class_counts": list(train.class_counts) if train else [0] * dataset.num_classes,
         "dataset": {"name": dataset.name, "path": str(dataset.root)}, "dataset_fingerprint": dataset.fingerprint,
         "dtype": dtype, "templates": templates, "image_size": backbone.image_size,
-        "transform": repr(backbone.eval_transform), "versions": _versions(), "command": cmd,
+        "transform": repr(backbone.eval_transform), "train_views": views["train_views"],
+        "view_seed": views["view_seed"] if with_views else None,
+        "train_transform": repr(backbone.train_transform) if with_views else None,
+        "test_views": views["test_views"], "versions": _versions(), "command": cmd,
     }
 
 
@@ -352,9 +541,15 @@ def _versions() -> dict:
     return out
 
 
-def command(ckpt, data, out, model, pretrained, dtype, templates) -> str:
+def command(ckpt, data, out, model, pretrained, dtype, templates, train_views=0, view_seed=0,
+            test_views="none") -> str:
     """The command (less --splits) that reproduces this store; readers name it for an unfinished split."""
     args = ["ballad-pipe", "extract", "--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--model", model]
     if pretrained:
         args += ["--pretrained", pretrained]
-    return shlex.join(args + ["--dtype", dtype, "--templates", templates])
+    args += ["--dtype", dtype, "--templates", templates]
+    if train_views:
+        args += ["--train-views", str(train_views), "--view-seed", str(view_seed)]
+    if test_views != "none":
+        args += ["--test-views", test_views]
+    return shlex.join(args)

@@ -3,28 +3,35 @@
 Layout (zarr v3, one directory)::
 
     NAME.zarr/                 root attributes: model, pretrained, checkpoint_sha256, fingerprint, embed_dim,
-                               logit_scale, classnames, train_class_counts, transform, created, versions, splits
-      <split>/                 attributes: complete, num_samples, skipped (keys of unreadable images)
+                               logit_scale, classnames, train_class_counts, transform, train_views, view_seed,
+                               train_transform, test_views, created, versions, command, splits
+      <split>/                 attributes: complete, num_samples, skipped (keys of unreadable images),
+                               views (V, train split with views), tta (the mode, other splits with test views)
         image  [N, D]          projected image embedding before L2 normalisation (float16 or float32)
         label  [N]   int32
         key    [N]   str       sample keys, rows in shard order
+        views  [V, N, D]       train split only, with `extract --train-views V`: V train-transform views per image
+        tta    [T, N, D]       val/test, with `extract --test-views MODE`: T test-time (eval) views per image
       text/                    attributes: templates
         embeddings [K, D] float32, L2-normalised (template ensemble: mean of normalised, re-normalised)
         prompts    [K*T] str   class-major: the T prompts of class 0, then class 1, …
       _staging/<split>/        only while a split is being extracted: one .npz per finished shard
 
 A split's arrays are written from the staged shards in one pass, and ``complete`` is set last, so a
-reader never takes a half-written split for a whole one. See docs/feature-store.md.
+reader never takes a half-written split for a whole one. Every chunk ends in a CRC32C checksum and
+every chunk file is written (also all-zero ones), so ``FeatureStore`` turns a flipped bit, a truncated
+or a missing chunk into a one-line error instead of silently changed numbers. See docs/feature-store.md.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shlex
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -38,6 +45,19 @@ SPLIT_ORDER = ("train", "val", "test")
 # ~8 % on float features and halves read speed, paid on every Phase B run.
 CHUNK_ROWS = 8192
 STAGING = "_staging"
+VIEWS, TTA = "views", "tta"  # the split arrays of extra views: train-transform views, test-time views
+# zarr skips writing a chunk that holds only the fill value (an all-zero label chunk, say); written
+# anyway, every chunk carries its checksum and a missing chunk file means damage, not zeros.
+WRITE_ALL_CHUNKS = {"write_empty_chunks": True}
+
+
+class ExtraViews(NamedTuple):
+    """A split's extra views: the array ``name`` (VIEWS or TTA) holds ``count`` views per image, and
+    the split attribute ``name`` records ``attr`` (V for train views, the mode for test-time views)."""
+
+    name: str
+    count: int
+    attr: int | str
 
 
 def classnames_sha256(classnames: Sequence[str]) -> str:
@@ -65,6 +85,19 @@ def _to_device(array: np.ndarray, device, dtype=None):
         t = t.pin_memory()
     # Cast after the copy: a float16 store crosses the bus at half the bytes.
     return t.to(device, non_blocking=True).to(dtype) if dtype is not None else t.to(device)
+
+
+def _deliver(array: np.ndarray, device=None, dtype=None):
+    """numpy (cast to the numpy ``dtype`` if given) when ``device`` is None, else a tensor on ``device``."""
+    if device is None:
+        return array if dtype is None else array.astype(dtype)
+    return _to_device(array, device, dtype)
+
+
+def _has_checksums(array) -> bool:
+    from zarr.codecs import Crc32cCodec
+
+    return any(isinstance(c, Crc32cCodec) for c in array.metadata.codecs)
 
 
 # ---------------------------------------------------------------- read side
@@ -141,26 +174,104 @@ class FeatureStore:
                             f"`{cmd} --splits {split}` finishes it")
         return self._group[split]
 
+    @property
+    def rebuild_command(self) -> str:
+        """What rebuilds the store from scratch (re-running the extract command alone keeps complete splits)."""
+        cmd = self.meta.get("command") or f"ballad-pipe extract … --out {shlex.quote(str(self.path))}"
+        return f"rm -r {shlex.quote(str(self.path))} && {cmd}"
+
+    def _read(self, array, selection=slice(None)) -> np.ndarray:
+        """``array.oindex[selection]``, with a one-line UserError for a corrupt, truncated or missing chunk.
+
+        zarr would raise a checksum ValueError (or, without checksums, "cannot reshape…"), or read a
+        missing chunk as zeros; none of that tells the user what to do.
+        """
+        try:
+            missing = array.nchunks - array.nchunks_initialized if _has_checksums(array) else 0
+            if not missing:
+                return array.oindex[selection]
+            problem = f"{missing} of its {array.nchunks} chunk files are missing"
+        except (ValueError, RuntimeError) as e:
+            problem = ("a chunk fails its CRC32C checksum" if "checksum" in str(e)
+                       else f"a chunk is unreadable ({e.__class__.__name__})")
+        raise UserError(f"{self.path}: array {array.path} is damaged ({problem}); rebuild the store: "
+                        f"`{self.rebuild_command}`")
+
     # arrays
     def features(self, split: str, device=None, dtype=None):
         """(image [N, D], labels [N] int64): numpy when ``device`` is None, else torch tensors on ``device``."""
         g = self._complete(split)
-        image, labels = g["image"][:], g["label"][:].astype(np.int64)
-        if device is None:
-            return (image if dtype is None else image.astype(dtype)), labels
-        return _to_device(image, device, dtype), _to_device(labels, device)
+        image, labels = self._read(g["image"]), self._read(g["label"]).astype(np.int64)
+        return _deliver(image, device, dtype), _deliver(labels, device)
 
     def keys(self, split: str) -> np.ndarray:
-        return np.array(self._complete(split)["key"][:].tolist(), dtype=str)
+        return np.array(self._read(self._complete(split)["key"]).tolist(), dtype=str)
+
+    def num_views(self, split: str) -> int:
+        """V, the train-transform views per image of ``split`` (0 without views)."""
+        g = self._complete(split)
+        return int(g[VIEWS].shape[0]) if VIEWS in g else 0
+
+    def _views_array(self, split: str):
+        g = self._complete(split)
+        if VIEWS not in g:
+            raise UserError(f"{self.path}: split '{split}' has no train-transform views; re-extract with "
+                            f"`ballad-pipe extract … --train-views 8` (any V from 1 to 1024)")
+        return g[VIEWS]
+
+    def views(self, split: str, device=None, dtype=None):
+        """[V, N, D] train-transform views in the store's dtype (numpy, or a tensor on ``device``).
+
+        Row n of every view is row n of ``features(split)``. V·N·D values at once: see ``views_nbytes``
+        and ``read_views_rows`` for a split that does not fit in memory.
+        """
+        return _deliver(self._read(self._views_array(split)), device, dtype)
+
+    def views_nbytes(self, split: str) -> int:
+        """Bytes of ``views(split)`` in the store's dtype (0 without views)."""
+        if not self.num_views(split):
+            return 0
+        a = self._views_array(split)
+        return int(np.prod(a.shape)) * a.dtype.itemsize
+
+    def read_views_rows(self, split: str, v_idx, rows=None, device=None, dtype=None):
+        """[len(v_idx), len(rows), D]: views ``v_idx`` (an int, a sequence of ints or a slice) of ``rows``
+        (a slice, a sorted sequence of row indices, or None for all rows).
+
+        Every view is its own column of chunks of ~CHUNK_ROWS rows, so this reads exactly the chunks it
+        touches: whole views cost their bytes, and a row range costs the chunks it spans. For streaming,
+        read blocks of whole views (``v_idx=slice(a, b)``) or of chunk-aligned row ranges, not scattered
+        rows (each scattered row costs a whole chunk read).
+        """
+        array = self._views_array(split)
+        v_idx = [v_idx] if isinstance(v_idx, (int, np.integer)) else v_idx
+        rows = slice(None) if rows is None else rows
+        return _deliver(self._read(array, (v_idx, rows)), device, dtype)
+
+    def tta_mode(self, split: str) -> str | None:
+        """The `extract --test-views` mode whose views ``tta_features(split)`` holds; None without them."""
+        return self.split_attrs(split).get(TTA)
+
+    def tta_features(self, split: str, device=None, dtype=None):
+        """[T, N, D] test-time views (``tta_mode``) of every row of ``features(split)``.
+
+        The views come from a larger resize than the eval transform's (LIFT's), so even the centre
+        crop, view 0 of `flip`, differs from ``features(split)``.
+        """
+        g = self._complete(split)
+        if TTA not in g:
+            raise UserError(f"{self.path}: split '{split}' has no test-time views; re-extract with "
+                            f"`ballad-pipe extract … --test-views five-crop` (or flip, ten-crop)")
+        return _deliver(self._read(g[TTA]), device, dtype)
 
     def text_embeddings(self, device=None, dtype=None):
         """[K, D] float32 L2-normalised class text embeddings (numpy, or a torch tensor on ``device``)."""
-        emb = self._group["text"]["embeddings"][:]
+        emb = self._read(self._group["text"]["embeddings"])
         return emb if device is None else _to_device(emb, device, dtype)
 
     @property
     def prompts(self) -> list[str]:
-        return self._group["text"]["prompts"][:].tolist()
+        return self._read(self._group["text"]["prompts"]).tolist()
 
     @property
     def templates(self) -> list[str]:
@@ -173,14 +284,18 @@ def chunk_rows(n: int) -> int:
     return max(1, -(-n // max(1, -(-n // CHUNK_ROWS))))
 
 
-def _array(group, name, data_or_shape, dtype):
+def _array(group, name, data_or_shape, dtype, row_axis: int = 0):
+    """Create (and fill, given data) an array chunked by ~CHUNK_ROWS along ``row_axis``; a chunk holds one
+    index of every axis before it (one view of a [V, N, D] array) and all of every axis after it."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
     shape = data_or_shape if isinstance(data_or_shape, tuple) else data_or_shape.shape
-    chunks = (chunk_rows(shape[0]),) + tuple(shape[1:])
+    chunks = (1,) * row_axis + (chunk_rows(shape[row_axis]),) + tuple(shape[row_axis + 1:])
     # Numbers compress poorly and are read whole on every run, so they stay uncompressed; keys are
-    # text and shrink well with the default codec.
-    compressors = "auto" if np.dtype(dtype).kind in "UTO" else None
+    # text and shrink well with zstd. The CRC32C checksum goes last, over the stored bytes.
+    compressors = [ZstdCodec(), Crc32cCodec()] if np.dtype(dtype).kind in "UTO" else [Crc32cCodec()]
     arr = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=compressors,
-                             overwrite=True)
+                             overwrite=True, config=WRITE_ALL_CHUNKS)
     if not isinstance(data_or_shape, tuple):
         arr[:] = data_or_shape
     return arr
@@ -217,16 +332,19 @@ def _existing_attrs(path: Path) -> dict | None:
     return attrs if attrs.get("format") == FORMAT else None
 
 
-IDENTITY = ("fingerprint", "dataset_fingerprint", "dtype", "templates")
+# What a resumed or extended extract must share with the store; a store written before a setting
+# existed counts as having its default (view settings: none).
+IDENTITY = {"fingerprint": None, "dataset_fingerprint": None, "dtype": None, "templates": None,
+            "train_views": 0, "view_seed": None, "train_transform": None, "test_views": "none"}
 
 
 def _identity_clash(theirs: dict, ours: dict) -> str | None:
-    for key in IDENTITY:
-        if theirs.get(key) != ours.get(key):
+    for key, default in IDENTITY.items():
+        if theirs.get(key, default) != ours.get(key, default):
             if key == "fingerprint":
                 diff = [k for k in ours[key] if theirs.get(key, {}).get(k) != ours[key][k]]
                 return f"{'/'.join(diff) or 'model'} ({', '.join(f'{k}={theirs.get(key, {}).get(k)}' for k in diff)})"
-            return f"{key} ({theirs.get(key)})"
+            return f"{key} ({theirs.get(key, default)})"
     return None
 
 
@@ -248,35 +366,51 @@ def _register_split(group, split: str) -> None:
 
 
 def write_split(group, split: str, image: np.ndarray, labels: np.ndarray, keys: Sequence[str],
-                dtype="float16", skipped: Sequence[str] = ()) -> None:
-    """Write one split from memory in a single process; ``complete`` is set last."""
+                dtype="float16", skipped: Sequence[str] = (), extra: ExtraViews | None = None,
+                extra_views: np.ndarray | None = None) -> None:
+    """Write one split from memory in a single process; ``complete`` is set last.
+
+    ``extra_views`` [extra.count, N, D] is written as the array ``extra.name`` when ``extra`` is given.
+    """
     if len(image) != len(labels) or len(keys) != len(labels):
         raise ValueError(f"split '{split}': image, label and key row counts differ")
+    if extra is not None and np.shape(extra_views) != (extra.count, *np.shape(image)):
+        raise ValueError(f"split '{split}': {extra.name} is {np.shape(extra_views)}, expected "
+                         f"({extra.count}, {', '.join(map(str, np.shape(image)))})")
     g = group.require_group(split)
     g.attrs.update({"complete": False})
     _register_split(group, split)
     _array(g, "image", np.asarray(image, dtype=dtype), dtype)
     _array(g, "label", np.asarray(labels, dtype=np.int32), np.int32)
     _array(g, "key", np.asarray(list(keys), dtype=str), str)
+    if extra is not None:
+        _array(g, extra.name, np.asarray(extra_views, dtype=dtype), dtype, row_axis=1)
+        g.attrs[extra.name] = extra.attr
     g.attrs.update({"complete": True, "num_samples": int(len(labels)), "skipped": list(skipped)})
 
 
 def write_store(path, *, image: dict, labels: dict, keys: dict | None, text_embeddings: np.ndarray, classnames,
                 logit_scale: float, train_class_counts, prompts=None, meta: dict | None = None,
-                dtype="float16", overwrite=False) -> FeatureStore:
-    """A complete store from in-memory arrays (tests and benchmarks: synthetic stores)."""
+                dtype="float16", overwrite=False, views: dict | None = None, tta: dict | None = None) -> FeatureStore:
+    """A complete store from in-memory arrays (tests and benchmarks: synthetic stores).
+
+    ``views`` {split: [V, N, D]} adds train-transform views, ``tta`` {split: (mode, [T, N, D])} test-time views.
+    """
     path = Path(path)
     if path.exists():
         if not overwrite:
             raise UserError(f"{path}: exists; pass overwrite=True to replace it")
         shutil.rmtree(path)
+    views, tta = dict(views or {}), dict(tta or {})
     text_embeddings = np.asarray(text_embeddings, dtype=np.float32)
     embed_dim = int(text_embeddings.shape[1])
     meta = dict(meta or {})
     attrs = {"format": FORMAT, "model": meta.get("model", "synthetic"), "pretrained": meta.get("pretrained"),
              "checkpoint_sha256": meta.get("checkpoint_sha256"), "embed_dim": embed_dim,
              "logit_scale": float(logit_scale), "classnames": list(classnames),
-             "train_class_counts": [int(c) for c in train_class_counts], "dtype": str(np.dtype(dtype))}
+             "train_class_counts": [int(c) for c in train_class_counts], "dtype": str(np.dtype(dtype)),
+             "train_views": max((len(v) for v in views.values()), default=0),
+             "test_views": next((mode for mode, _ in tta.values()), "none")}
     attrs["fingerprint"] = make_fingerprint(attrs["model"], attrs["pretrained"], attrs["checkpoint_sha256"],
                                             classnames, embed_dim)
     group = create_store(path, {**attrs, **meta})
@@ -284,7 +418,14 @@ def write_store(path, *, image: dict, labels: dict, keys: dict | None, text_embe
     write_text(group, text_embeddings, prompts, meta.get("templates", ["a photo of a {}."]))
     for split in image:
         split_keys = keys[split] if keys else [f"{split}_{i:06d}" for i in range(len(labels[split]))]
-        write_split(group, split, image[split], labels[split], split_keys, dtype)
+        extra, extra_views = None, None
+        if split in views:
+            extra_views = np.asarray(views[split])
+            extra = ExtraViews(VIEWS, len(extra_views), len(extra_views))
+        elif split in tta:
+            mode, extra_views = tta[split][0], np.asarray(tta[split][1])
+            extra = ExtraViews(TTA, len(extra_views), mode)
+        write_split(group, split, image[split], labels[split], split_keys, dtype, extra=extra, extra_views=extra_views)
     return FeatureStore.open(path)
 
 
@@ -296,11 +437,13 @@ class SplitWriter:
     place), which is also the record that the shard is done: a re-run only computes missing ones.
     Processes may stage disjoint shards concurrently. ``finish`` turns the staged shards into the
     split's arrays: each process writes a disjoint range of whole chunks, then the main process sets
-    ``complete`` and removes the staging directory.
+    ``complete`` and removes the staging directory. With ``extra``, each shard also stages its
+    [count, n, D] extra views, written to the split's array ``extra.name`` chunk by chunk as the rest.
     """
 
-    def __init__(self, group, split: str, num_shards: int, dtype="float16"):
+    def __init__(self, group, split: str, num_shards: int, dtype="float16", extra: ExtraViews | None = None):
         self.group, self.split, self.num_shards, self.dtype = group, split, num_shards, np.dtype(dtype)
+        self.extra = extra
         self.dir = Path(str(group.store.root)) / STAGING / split
 
     def prepare(self, is_main: bool) -> None:
@@ -320,17 +463,28 @@ class SplitWriter:
     def missing(self, shards: Sequence[int]) -> list[int]:
         return [s for s in shards if not self.part(s).is_file()]
 
-    def stage(self, shard: int, image: np.ndarray, labels: np.ndarray, keys: Sequence[str], skipped: Sequence[str]):
+    def stage(self, shard: int, image: np.ndarray, labels: np.ndarray, keys: Sequence[str], skipped: Sequence[str],
+              extra_views: np.ndarray | None = None):
+        arrays = {"image": np.asarray(image, dtype=self.dtype), "label": np.asarray(labels, dtype=np.int32),
+                  "key": np.asarray(list(keys), dtype=str), "skipped": np.asarray(list(skipped), dtype=str)}
+        if self.extra is not None:
+            want = (self.extra.count, *arrays["image"].shape)
+            if np.shape(extra_views) != want:
+                raise ValueError(f"shard {shard}: {self.extra.name} is {np.shape(extra_views)}, expected {want}")
+            arrays[self.extra.name] = np.asarray(extra_views, dtype=self.dtype)
         with atomic_path(self.part(shard)) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, image=np.asarray(image, dtype=self.dtype), label=np.asarray(labels, dtype=np.int32),
-                         key=np.asarray(list(keys), dtype=str), skipped=np.asarray(list(skipped), dtype=str))
+                np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())  # the rename below is the "done" record: data must be on disk first
 
     def finish(self, embed_dim: int, rank: int = 0, world_size: int = 1,
                barrier: Callable[[], None] = lambda: None) -> None:
-        """Every process calls this after all shards are staged (``barrier`` separates the steps)."""
+        """Every process calls this after all shards are staged (``barrier`` separates the steps).
+
+        A process holds one chunk's rows of every array at a time: with extra views about
+        2 · count · CHUNK_ROWS · D values (the staged shards it reads and the block it writes).
+        """
         missing = self.missing(range(self.num_shards))
         if missing:
             raise RuntimeError(f"split '{self.split}': shards {missing[:5]} were not staged")
@@ -343,29 +497,38 @@ class SplitWriter:
         if total == 0:
             raise UserError(f"split '{self.split}': every image is unreadable (see the warnings above)")
         g = self.group[self.split]
+        # name -> (dtype, shape, row axis)
+        arrays = {"image": (self.dtype, (total, embed_dim), 0), "label": (np.int32, (total,), 0),
+                  "key": (str, (total,), 0)}
+        if self.extra is not None:
+            arrays[self.extra.name] = (self.dtype, (self.extra.count, total, embed_dim), 1)
         if rank == 0:
-            for name, dtype, tail in (("image", self.dtype, (embed_dim,)), ("label", np.int32, ()), ("key", str, ())):
-                _array(g, name, (total, *tail), dtype)
+            for name, (dtype, shape, axis) in arrays.items():
+                _array(g, name, shape, dtype, row_axis=axis)
         barrier()
+        out = {name: g[name].with_config(WRITE_ALL_CHUNKS) for name in arrays}
         offsets = np.concatenate([[0], np.cumsum(counts)])
         rows = chunk_rows(total)
         n_chunks = -(-total // rows)
         # Whole chunks per process, so no two processes ever write the same chunk file.
         for c in range(rank * n_chunks // world_size, (rank + 1) * n_chunks // world_size):
             lo, hi = c * rows, min(total, (c + 1) * rows)
-            block = {"image": [], "label": [], "key": []}
+            block = {name: [] for name in arrays}
             s = int(np.searchsorted(offsets, lo, side="right")) - 1
             while s < self.num_shards and offsets[s] < hi:
                 a, b = max(lo, offsets[s]) - offsets[s], min(hi, offsets[s + 1]) - offsets[s]
                 with np.load(self.part(s)) as p:
-                    for name in block:
-                        block[name].append(p[name][a:b])
+                    for name, (_, _, axis) in arrays.items():
+                        block[name].append(p[name][(slice(None),) * axis + (slice(a, b),)])
                 s += 1
-            for name, pieces in block.items():
-                g[name][lo:hi] = np.concatenate(pieces)
+            for name, (_, _, axis) in arrays.items():
+                out[name][(slice(None),) * axis + (slice(lo, hi),)] = np.concatenate(block[name], axis=axis)
         barrier()
         if rank == 0:
-            g.attrs.update({"num_samples": total, "skipped": skipped, "complete": True})
+            done = {"num_samples": total, "skipped": skipped, "complete": True}
+            if self.extra is not None:
+                done = {self.extra.name: self.extra.attr, **done}
+            g.attrs.update(done)
             self.remove_staging()
         barrier()
 

@@ -23,22 +23,30 @@ from store.shards import load_dataset, read_shard
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_data, tiny_backbone):
-    """The demo pipeline on tiny_data, cut short: checkpoint → extract → 1-epoch adapter → evaluate → export."""
+def run(tmp_path_factory, tiny_data):
+    """The demo pipeline on tiny_data, cut short: checkpoint → extract → 1-epoch adapter → evaluate → export.
+
+    The checkpoint is a seeded random init, so the margins the test-time ensembling test relies on are
+    the same in every run."""
+    from pipeline.models import create_model
+
     root = tmp_path_factory.mktemp("bundle")
     ckpt = root / "final.pt"
-    torch.save(tiny_backbone.model.state_dict(), ckpt)
+    torch.manual_seed(0)
+    torch.save(create_model("ballad-tiny").model.state_dict(), ckpt)
     ckpt.with_suffix(".json").write_text(json.dumps({"model": "ballad-tiny", "pretrained": None}))
     features = root / "features.zarr"
-    extract(str(ckpt), tiny_data, features, splits=["train", "test"], batch_size=64, workers=0)
+    extract(str(ckpt), tiny_data, features, splits=["train", "test"], batch_size=64, workers=0, test_views="five-crop")
     adapter = root / "adapter.pt"
     train_adapter(features, adapter, TrainConfig(epochs=1, batch_size=64), device="cpu")
     evaluate(features, root / "report", adapter=str(adapter), device="cpu")
+    evaluate(features, root / "report_tta", adapter=str(adapter), tta="mean", device="cpu")
     bundle = root / "shapes.bundle"
     export(ckpt, str(adapter), features, bundle)
     samples = [s for url in load_dataset(tiny_data).urls("test") for s in read_shard(url)]
     return SimpleNamespace(root=root, ckpt=ckpt, features=features, adapter=adapter, bundle=bundle, samples=samples,
-                           report=np.load(root / "report" / "predictions.npz"))
+                           report=np.load(root / "report" / "predictions.npz"),
+                           report_tta=np.load(root / "report_tta" / "predictions.npz"))
 
 
 def _image(sample):
@@ -62,6 +70,28 @@ def test_bundle_predicts_what_evaluate_reports(run):
     names = np.array(bundle.classnames)
     assert [[c for c, _ in p] for p in preds] == names[run.report["top5"]].tolist()
     np.testing.assert_allclose([[q for _, q in p] for p in preds], run.report["score"], atol=1e-5)
+
+
+def test_predict_tta_predicts_what_evaluate_tta_reports(run, tmp_path):
+    bundle = Bundle.load(run.bundle, device="cpu")
+    images = [_image(s) for s in run.samples]
+    preds = bundle.predict(images, top_k=5, batch_size=50, tta="five-crop")
+    names = np.array(bundle.classnames)
+    # The same five views (one implementation), adapter, classifier and mean of logits as `evaluate --tta mean`.
+    assert [[c for c, _ in p] for p in preds] == names[run.report_tta["top5"]].tolist()
+    np.testing.assert_allclose([[q for _, q in p] for p in preds], run.report_tta["score"], atol=1e-6, rtol=0)
+    assert np.abs(run.report_tta["score"] - run.report["score"]).max() > 1e-5  # the views changed the scores
+
+    (tmp_path / "img.png").write_bytes(run.samples[0].image)
+    r = CliRunner().invoke(main, ["predict", "--bundle", str(run.bundle), str(tmp_path / "img.png"), "--json",
+                                  "--tta", "five-crop"])
+    assert r.exit_code == 0, r.output
+    got = [(p["class"], p["prob"]) for p in json.loads(r.stdout)["predictions"]]
+    assert [c for c, _ in got] == [c for c, _ in preds[0]]
+    np.testing.assert_allclose([q for _, q in got], [q for _, q in preds[0]], atol=1e-5)
+    r = CliRunner().invoke(main, ["predict", "--bundle", str(run.bundle), str(tmp_path / "img.png"), "--tta", "mean"])
+    assert r.exit_code != 0 and r.output.strip().splitlines() == [
+        "Error: --tta mean: choose one of none, flip, five-crop, ten-crop"]
 
 
 def test_predict_cli_reports_bad_files(run, tmp_path):

@@ -61,7 +61,8 @@ def test_calibration_error_matches_binned_definition():
 
 def test_evaluate_writes_consistent_report(lt_store, tmp_path):
     m = evaluate(lt_store, tmp_path / "zs")
-    assert set(m) == {"top1", "top5", "many", "medium", "few", "ece", "num_test", "num_classes"}
+    assert set(m) == {"top1", "top5", "many", "medium", "few", "ece", "num_test", "num_classes", "tta", "tta_views"}
+    assert m["tta"] == "none" and m["tta_views"] is None
     assert json.loads((tmp_path / "zs" / "metrics.json").read_text()) == m
     pred = np.load(tmp_path / "zs" / "predictions.npz")
     assert pred["top5"].shape == (m["num_test"], 5) and (np.diff(pred["score"], axis=1) <= 0).all()
@@ -120,3 +121,71 @@ def test_cli_evaluate_and_sweep(lt_store, tmp_path):
                           (["evaluate", "--features", str(lt_store), "--split", "val", "--out", "o"], "'val'")]:
         r = runner.invoke(main, args)
         assert r.exit_code != 0 and "Error: " in r.output and message in r.output and "Traceback" not in r.output
+
+
+@pytest.fixture(scope="module")
+def tta_store(tmp_path_factory, lt_store):
+    """lt_store's test split with five noisy test-time views of every image."""
+    from store.features import FeatureStore, write_store
+
+    fs = FeatureStore.open(lt_store)
+    rng = np.random.default_rng(3)
+    image = {s: fs.features(s)[0] for s in ("train", "test")}
+    labels = {s: fs.features(s)[1] for s in ("train", "test")}
+    views = image["test"][None] + rng.normal(0, 0.8, (5, *image["test"].shape))
+    path = tmp_path_factory.mktemp("tta") / "tta.zarr"
+    write_store(path, image=image, labels=labels, keys=None, text_embeddings=fs.text_embeddings(),
+                classnames=fs.classnames, logit_scale=fs.logit_scale, train_class_counts=fs.train_class_counts,
+                tta={"test": ("five-crop", views)})
+    return path
+
+
+def test_tta_mean_averages_the_logits_of_the_stored_views(tta_store, tmp_path):
+    from stages.adapter import TrainConfig, load_adapter, train_adapter
+    from store.features import FeatureStore
+
+    train_adapter(tta_store, tmp_path / "a.pt", TrainConfig(epochs=1, batch_size=64), device="cpu")
+    store = FeatureStore.open(tta_store)
+    m = evaluate(tta_store, tmp_path / "tta", adapter=str(tmp_path / "a.pt"), tta="mean")
+    assert m["tta"] == "mean" and m["tta_views"] == "five-crop"
+    assert json.loads((tmp_path / "tta" / "metrics.json").read_text())["tta"] == "mean"
+    model = load_adapter(tmp_path / "a.pt", store, tta_store)
+    with torch.no_grad():  # per view: the adapter, then the classifier; then the mean over the views
+        classes = model.classifier(torch.from_numpy(store.text_embeddings()))
+        views = torch.from_numpy(store.tta_features("test")).float()
+        want = torch.stack([model.embed(v) @ classes.T for v in views]).mean(0).softmax(1).topk(5, dim=1)
+    pred = np.load(tmp_path / "tta" / "predictions.npz")
+    assert (pred["top5"][:, 0] == want.indices[:, 0].numpy()).mean() > 0.99  # float16 ties may round apart
+    np.testing.assert_allclose(pred["score"], want.values.numpy(), atol=1e-4)
+    plain = evaluate(tta_store, tmp_path / "plain", adapter=str(tmp_path / "a.pt"))
+    assert plain["top1"] != m["top1"]  # the noisy views change the predictions: the views were used
+
+
+def test_tta_needs_test_views_in_the_store(lt_store, tta_store, tmp_path):
+    with pytest.raises(UserError, match=r"--tta mean: split 'test' of .* has no test-time views; re-extract with "
+                                        r"`ballad-pipe extract … --test-views five-crop`"):
+        evaluate(lt_store, tmp_path / "r", tta="mean")
+    with pytest.raises(UserError, match="--tta median: choose one of none, mean"):
+        evaluate(tta_store, tmp_path / "r", tta="median")
+    r = CliRunner().invoke(main, ["evaluate", "--features", str(tta_store), "--tta", "mean", "--out",
+                                  str(tmp_path / "cli"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "logits averaged over the five-crop views" in r.output
+    r = CliRunner().invoke(main, ["evaluate", "--features", str(lt_store), "--tta", "mean", "--out",
+                                  str(tmp_path / "x")])
+    assert r.exit_code != 0 and r.output.startswith("Error: --tta mean") and len(r.output.strip().splitlines()) == 1
+
+
+def test_dvc_reruns_only_evaluate_stages_for_evaluate_tta():
+    import yaml
+    from pathlib import Path
+
+    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+
+    def reads(stage: dict, param: str) -> bool:  # DVC re-runs a stage when its cmd or a listed param changes
+        listed = [p for p in stage.get("params", []) if isinstance(p, str)]
+        return f"${{{param}}}" in stage["cmd"] or any(param == p or param.startswith(p + ".") for p in listed)
+
+    evaluates = {name for name, stage in stages.items() if reads(stage, "evaluate.tta")}
+    assert evaluates == {"evaluate", "evaluate_phase_a", "evaluate_zero_shot"}
+    assert all("--tta ${evaluate.tta}" in stages[name]["cmd"] for name in evaluates)

@@ -1,9 +1,11 @@
-"""`ballad-pipe extract`: content, determinism, bad input, SIGKILL + resume, two torchrun processes."""
+"""`ballad-pipe extract`: content (views included), determinism, bad input, locks, SIGKILL + resume,
+two torchrun processes."""
 from __future__ import annotations
 
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
 from PIL import Image
 
@@ -20,11 +23,14 @@ import store.features as features
 from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.runtime import sha256_file
-from stages.extract import extract, resolve_templates
+from stages.extract import (MAX_TRAIN_VIEWS, TEST_VIEWS, TrainViews, extract, resolve_templates, split_transform,
+                            tta_views, view_rng_seed)
 from store.features import FeatureStore
 from store.shards import load_dataset, read_shard, write_shard
 
 CHUNK_ROWS = 96  # several chunks per split, so processes and resumes write chunk by chunk
+VIEWS = {"train_views": 2, "test_views": "five-crop"}  # the reference store has both kinds of views
+VIEW_ARGS = ["--train-views", "2", "--test-views", "five-crop"]
 CHILD = """
 import os, signal, sys
 import store.features as features
@@ -34,8 +40,8 @@ features.CHUNK_ROWS = {chunk_rows}
 if sys.argv[1] == "kill-staging":  # SIGKILL right after the second finished train shard
     stage = features.SplitWriter.stage
 
-    def stage_then_die(self, *args):
-        stage(self, *args)
+    def stage_then_die(self, *args, **kw):
+        stage(self, *args, **kw)
         if len(list(self.dir.glob("*.npz"))) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -61,7 +67,7 @@ def reference(tmp_path_factory, tiny_data, ckpt):
     mp.setattr(features, "CHUNK_ROWS", CHUNK_ROWS)
     out = tmp_path_factory.mktemp("ref") / "features.zarr"
     try:
-        extract(str(ckpt), tiny_data, out, batch_size=32, workers=2)
+        extract(str(ckpt), tiny_data, out, batch_size=32, workers=2, **VIEWS)
     finally:
         mp.undo()
         torch.set_num_threads(before)
@@ -112,10 +118,126 @@ def test_store_holds_model_features_in_shard_order(reference, tiny_data, tiny_ba
 
 def test_same_command_gives_identical_store(reference, tiny_data, ckpt, tmp_path, monkeypatch, single_thread):
     monkeypatch.setattr(features, "CHUNK_ROWS", CHUNK_ROWS)
-    done = extract(str(ckpt), tiny_data, tmp_path / "again.zarr", batch_size=32, workers=0)
+    done = extract(str(ckpt), tiny_data, tmp_path / "again.zarr", batch_size=32, workers=0, **VIEWS)
     assert done == {"train": 6, "val": 1, "test": 2}
     _same_store(reference, tmp_path / "again.zarr")
-    assert extract(str(ckpt), tiny_data, tmp_path / "again.zarr", batch_size=32, workers=0) == {"train": 0, "val": 0, "test": 0}
+    again = extract(str(ckpt), tiny_data, tmp_path / "again.zarr", batch_size=32, workers=0, **VIEWS)
+    assert again == {"train": 0, "val": 0, "test": 0}
+
+
+def _image(sample):
+    return Image.open(io.BytesIO(sample.image)).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def float32_views(tmp_path_factory, tiny_data, ckpt):
+    """train and val with views, in float32: the random-init model maps an image's views to features
+    only ~1e-4 apart, which float16 rounding (~5e-5) would blur."""
+    out = tmp_path_factory.mktemp("f32") / "views.zarr"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract(str(ckpt), tiny_data, out, splits=["train", "val"], batch_size=64, workers=0, dtype="float32", **VIEWS)
+    finally:
+        torch.set_num_threads(before)
+    return FeatureStore.open(out)
+
+
+def test_views_are_seeded_train_transforms_and_lift_crops(float32_views, reference, tiny_data, tiny_backbone):
+    from torchvision import transforms as T
+
+    fs, data, model = float32_views, load_dataset(tiny_data), tiny_backbone.model.eval()
+    ref = FeatureStore.open(reference)
+    assert ref.num_views("train") == 2 and ref.num_views("test") == 0 and ref.tta_mode("train") is None
+    assert ref.tta_mode("val") == ref.tta_mode("test") == "five-crop"
+    assert ref.meta["train_transform"] == repr(tiny_backbone.train_transform) and ref.meta["view_seed"] == 0
+    # Train view v of sample `key`: the train transform drawn from torch seeded with view_rng_seed(0, key, v).
+    train = [s for url in data.urls("train") for s in read_shard(url)]
+    picks, want = [0, len(train) - 1], []
+    for i in picks:
+        for v in range(2):
+            torch.manual_seed(view_rng_seed(0, train[i].key, v))
+            want.append(tiny_backbone.train_transform(_image(train[i])))
+    with torch.inference_mode():
+        want = model.encode_image(torch.stack(want)).view(len(picks), 2, -1).transpose(0, 1)
+    got = torch.from_numpy(fs.views("train")[:, picks])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    eval_feature = torch.from_numpy(fs.features("train")[0][picks])
+    assert not torch.allclose(got.flip(0), want, atol=1e-6, rtol=1e-4)  # the views differ from each other
+    assert not torch.allclose(got[0], eval_feature, atol=1e-6, rtol=1e-4)  # and from the eval feature
+    # Test-time views: torchvision's FiveCrop(32) of the image resized to 32 + round(32 · 24 / 224) = 35.
+    val = [s for url in data.urls("val") for s in read_shard(url)]
+    crops = T.Compose([T.Resize(35, interpolation=T.InterpolationMode.BICUBIC), T.FiveCrop(32)])(_image(val[5]))
+    normalize = tiny_backbone.eval_transform.transforms[-1]
+    with torch.inference_mode():
+        want = model.encode_image(torch.stack([normalize(T.functional.to_tensor(c)) for c in crops]))
+    got = torch.from_numpy(fs.tta_features("val")[:, 5])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(got.roll(1, 0), want, atol=1e-6, rtol=1e-4)
+
+
+def test_train_views_are_a_pure_function_of_seed_key_and_index(tiny_backbone):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    per_image, _ = split_transform(tiny_backbone.train_transform)
+    views = TrainViews(per_image, 3, seed=0)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = views(img, "k1")
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left where it was
+    assert a.shape == (3, 32, 32, 3) and a.dtype == torch.uint8 and torch.equal(a, views(img, "k1"))
+    assert not torch.equal(a[0], a[1])
+    assert not torch.equal(a, views(img, "k2")) and not torch.equal(a, TrainViews(per_image, 3, seed=1)(img, "k1"))
+    assert torch.equal(TrainViews(per_image, 5, seed=0)(img, "k1")[:3], a)  # more views add, never reshuffle
+    for v in range(3):  # view v is the whole train transform drawn after seeding torch with view_rng_seed
+        torch.manual_seed(view_rng_seed(0, "k1", v))
+        full = tiny_backbone.train_transform(img)
+        torch.testing.assert_close(tiny_backbone.train_transform.transforms[-1](a[v].permute(2, 0, 1) / 255), full)
+
+
+@pytest.mark.parametrize("mode", ["flip", "five-crop", "ten-crop"])
+def test_tta_views_are_lifts_resize_and_crops(tiny_backbone, mode):
+    from torchvision import transforms as T
+
+    from pipeline.models import build_transforms
+
+    assert tta_views(build_transforms(224)[1], mode).resize.size == 248  # LIFT: 224 + 24
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    big = T.Resize(35, interpolation=T.InterpolationMode.BICUBIC)(img)
+    centre = T.CenterCrop(32)(big)
+    crops = {"flip": [centre, T.functional.hflip(centre)], "five-crop": T.FiveCrop(32)(big),
+             "ten-crop": T.TenCrop(32)(big)}[mode]
+    normalize = tiny_backbone.eval_transform.transforms[-1]
+    want = torch.stack([normalize(T.functional.to_tensor(c)) for c in crops])
+    got = tta_views(tiny_backbone.eval_transform, mode)(img)
+    assert got.shape == (TEST_VIEWS[mode], 3, 32, 32)
+    torch.testing.assert_close(got, want)
+
+
+def test_resume_with_other_view_settings_is_refused(reference, tiny_data, ckpt, tmp_path):
+    store = tmp_path / "views.zarr"
+    shutil.copytree(reference, store)
+    for change, named in (({"train_views": 3}, r"train_views \(2\)"), ({"train_views": 0}, r"train_views \(2\)"),
+                          ({"view_seed": 1}, r"view_seed \(0\)"),
+                          ({"test_views": "flip"}, r"test_views \(five-crop\)")):
+        with pytest.raises(UserError, match=rf"holds a store made with another {named}; .* --overwrite"):
+            extract(str(ckpt), tiny_data, store, splits=["val"], workers=0, **{**VIEWS, **change})
+    _same_store(reference, store)
+
+
+def test_second_extract_on_a_locked_store_leaves_it_alone(reference, tiny_data, ckpt, tmp_path):
+    from pipeline.locks import exclusive_lock
+
+    store = tmp_path / "busy.zarr"
+    shutil.copytree(reference, store)
+    zarr.open_group(str(store), mode="r+")["test"].attrs["complete"] = False  # the first run is still on test
+    before = {str(p): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    with exclusive_lock(store):  # held by that first run
+        with pytest.raises(UserError, match=rf"--out {store}: process {os.getpid()} is writing it"):
+            extract(str(ckpt), tiny_data, store, batch_size=32, workers=0, **VIEWS)
+        r = CliRunner().invoke(main, ["extract", "--ckpt", str(ckpt), "--data", str(tiny_data), "--out", str(store),
+                                      *VIEW_ARGS])
+        assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1 and "is writing it" in r.output
+    assert {str(p): p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
 
 def _child(tmp_path, mode, args, world_size=1):
@@ -141,7 +263,7 @@ def test_interrupted_runs_resume_to_identical_store(reference, tiny_data, ckpt, 
                                                     caplog):
     out = tmp_path / "killed.zarr"
     args = ["--ckpt", str(ckpt), "--data", str(tiny_data), "--out", str(out), "--splits", "train",
-            "--batch-size", "32", "--workers", "1"]
+            "--batch-size", "32", "--workers", "1", *VIEW_ARGS]
     rc, log = _child(tmp_path, "kill-staging", args)
     assert rc == [-9], log
     fs = FeatureStore.open(out)
@@ -154,19 +276,19 @@ def test_interrupted_runs_resume_to_identical_store(reference, tiny_data, ckpt, 
     monkeypatch.setattr(features, "CHUNK_ROWS", CHUNK_ROWS)
     create = features._array
 
-    def crash_writing_train(group, name, *a):  # what a kill leaves mid-finish: arrays made, not filled
-        create(group, name, *a)
+    def crash_writing_train(group, name, *a, **kw):  # what a kill leaves mid-finish: arrays made, not filled
+        create(group, name, *a, **kw)
         if name == "key" and group.path == "train":
             raise KeyboardInterrupt
 
     monkeypatch.setattr(features, "_array", crash_writing_train)
     with caplog.at_level("INFO", logger="ballad.extract"), pytest.raises(KeyboardInterrupt):
-        extract(str(ckpt), tiny_data, out, batch_size=32, workers=1)
+        extract(str(ckpt), tiny_data, out, batch_size=32, workers=1, **VIEWS)
     assert "train: 2 of 6 shard(s) already extracted, computing 4" in caplog.text
     assert all((out / features.STAGING / "train" / n).stat().st_mtime_ns == t for n, t in staged.items())
     assert not FeatureStore.open(out).is_complete("train")
     monkeypatch.setattr(features, "_array", create)
-    assert extract(str(ckpt), tiny_data, out, batch_size=32, workers=1) == {"train": 0, "val": 1, "test": 2}
+    assert extract(str(ckpt), tiny_data, out, batch_size=32, workers=1, **VIEWS) == {"train": 0, "val": 1, "test": 2}
     _same_store(reference, out)
 
 
@@ -174,7 +296,7 @@ def test_interrupted_runs_resume_to_identical_store(reference, tiny_data, ckpt, 
 def test_two_torchrun_ranks_match_one_process(reference, tiny_data, ckpt, tmp_path):
     out = tmp_path / "ranks.zarr"
     args = ["--ckpt", str(ckpt), "--data", str(tiny_data), "--out", str(out), "--batch-size", "32",
-            "--workers", "0", "--device", "cpu"]
+            "--workers", "0", "--device", "cpu", *VIEW_ARGS]
     rc, log = _child(tmp_path, "plain", args, world_size=2)
     assert rc == [0, 0], log
     _same_store(reference, out)
@@ -224,6 +346,18 @@ def test_bad_input_is_refused_with_one_line(tiny_data, ckpt, reference, tmp_path
         extract("none", tiny_data, store, model="ballad-tiny", splits=["val"], workers=0)
     extract("none", tiny_data, store, model="ballad-tiny", splits=["val"], workers=0, overwrite=True)
     assert FeatureStore.open(store).splits == ["val"]
+    for change, message in (({"train_views": -1}, "--train-views -1: must be between 0 (none) and 1024"),
+                            ({"train_views": MAX_TRAIN_VIEWS + 1}, "--train-views 1025"),
+                            ({"view_seed": -3}, "--view-seed -3: must be 0 or more"),
+                            ({"test_views": "six-crop"},
+                             "--test-views six-crop: choose one of none, flip, five-crop, ten-crop")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            extract(str(ckpt), tiny_data, tmp_path / "v.zarr", **change)
+    assert not (tmp_path / "v.zarr").exists()
+    result = CliRunner().invoke(main, ["extract", "--ckpt", str(ckpt), "--data", str(tiny_data),
+                                       "--out", str(tmp_path / "v.zarr"), "--train-views", "5000"])
+    assert result.exit_code != 0 and result.output.strip().splitlines() == [
+        "Error: --train-views 5000: must be between 0 (none) and 1024"]
     result = CliRunner().invoke(main, ["extract", "--ckpt", str(tmp_path / "nope.pt"), "--data", str(tiny_data),
                                        "--out", str(tmp_path / "f.zarr")])
     assert result.exit_code != 0
@@ -264,3 +398,37 @@ def test_documented_plain_zarr_example(reference, capsys):
     assert len(example.strip().splitlines()) == 5
     exec(example.replace("features/phase_a.zarr", str(reference)), {})
     assert 0 <= float(capsys.readouterr().out) <= 1
+
+
+def test_documented_plain_zarr_views_example(reference, capsys):
+    doc = (Path(__file__).parents[1] / "docs" / "feature-store.md").read_text()
+    example = doc.split("Views with plain zarr")[1].split("```python\n")[1].split("```")[0]
+    exec(example.replace("features/phase_a.zarr", str(reference)), {})
+    out = capsys.readouterr().out.splitlines()
+    fs = FeatureStore.open(reference)
+    n, d, rows = fs.num_samples("train"), fs.embed_dim, zarr.open_group(str(reference))["train/image"].chunks[0]
+    n_class_0 = int((fs.features("train")[1] == 0).sum())
+    assert out[0] == f"2 (2, {n}, {d}) (1, {rows}, {d}) (2, {n_class_0}, {d})"  # views chunked as image's rows
+    assert 0 <= float(out[1]) <= 1
+
+
+def test_dvc_passes_the_view_settings():
+    import yaml
+
+    from stages.evaluate import TTA_MODES
+
+    repo = Path(__file__).parents[1]
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    # The demo's params.yaml and every paper recipe (`cp configs/X.yaml params.yaml`) set them all.
+    for path in [repo / "params.yaml", *sorted((repo / "configs").glob("*.yaml"))]:
+        params = yaml.safe_load(path.read_text())
+        views = params["extract"]
+        assert 0 <= views["train_views"] <= MAX_TRAIN_VIEWS and views["view_seed"] >= 0, path
+        assert views["test_views"] in TEST_VIEWS and params["evaluate"]["tta"] in TTA_MODES, path
+    flags = "--train-views ${extract.train_views} --view-seed ${extract.view_seed} --test-views ${extract.test_views}"
+    assert flags in " ".join(stages["extract"]["cmd"].split())
+    # The zero-shot store trains no adapter: test views only, and no re-run when the train views change.
+    assert "--test-views ${extract.test_views}" in stages["extract_zero_shot"]["cmd"]
+    zero_shot = stages["extract_zero_shot"]
+    assert "train_views" not in str(zero_shot) and "view_seed" not in str(zero_shot)
+    assert "extract" not in zero_shot["params"]

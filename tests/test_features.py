@@ -153,3 +153,104 @@ def test_plain_zarr_reads_the_documented_layout(tmp_path):
     np.testing.assert_array_equal(root["train/image"][:], image["train"].astype(np.float16))
     assert root["train/label"].dtype == np.int32 and root["text/embeddings"].shape == (K, D)
     assert root.attrs["classnames"] == fs.classnames and root["train/key"][0] == "train_000000"
+
+
+def _with_views(path, rng, n_train=50, n_test=12, v=3, t=5):
+    views = rng.normal(size=(v, n_train, D))
+    tta = rng.normal(size=(t, n_test, D))
+    fs, image, labels = _synthetic(path, rng, n_train, views={"train": views}, tta={"test": ("five-crop", tta)})
+    return fs, views.astype(np.float16), tta.astype(np.float16)
+
+
+def test_views_and_tta_roundtrip_and_readers(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(features, "CHUNK_ROWS", 16)  # several row chunks per view
+    fs, views, tta = _with_views(tmp_path / "v.zarr", np.random.default_rng(6))
+    assert fs.num_views("train") == 3 and fs.num_views("test") == 0
+    assert fs.views_nbytes("train") == views.size * 2 and fs.views_nbytes("test") == 0
+    np.testing.assert_array_equal(fs.views("train"), views)
+    vt = fs.views("train", device="cpu", dtype=torch.float32)
+    assert vt.dtype == torch.float32 and vt.shape == (3, 50, D)
+    np.testing.assert_array_equal(fs.read_views_rows("train", 2, slice(10, 40)), views[2:3, 10:40])
+    np.testing.assert_array_equal(fs.read_views_rows("train", [0, 2], [1, 17, 49]), views[[0, 2]][:, [1, 17, 49]])
+    np.testing.assert_array_equal(fs.read_views_rows("train", slice(1, 3)), views[1:3])
+    assert fs.tta_mode("test") == "five-crop" and fs.tta_mode("train") is None
+    np.testing.assert_array_equal(fs.tta_features("test"), tta)
+    assert fs.meta["train_views"] == 3 and fs.meta["test_views"] == "five-crop"
+    with pytest.raises(UserError, match=r"split 'test' has no train-transform views; re-extract with "
+                                        r"`ballad-pipe extract … --train-views 8`"):
+        fs.views("test")
+    with pytest.raises(UserError, match=r"split 'train' has no test-time views; re-extract with "
+                                        r"`ballad-pipe extract … --test-views five-crop`"):
+        fs.tta_features("train")
+    root = zarr.open_group(str(tmp_path / "v.zarr"), mode="r")
+    assert root["train/views"].chunks == (1, chunk_rows(50), D) and root["train"].attrs["views"] == 3
+    assert root["test/tta"].shape == (5, 12, D) and root["test"].attrs["tta"] == "five-crop"
+
+
+def test_split_writer_stages_and_writes_views(tmp_path, monkeypatch):
+    monkeypatch.setattr(features, "CHUNK_ROWS", 5)  # chunks cross shard boundaries
+    rng = np.random.default_rng(7)
+    counts, v = [6, 0, 7, 9], 3
+    staged = [rng.normal(size=(v, n, D)).astype(np.float16) for n in counts]
+    stores = {}
+    for world in (1, 2):
+        group = create_store(tmp_path / f"w{world}.zarr", _attrs())
+        writer = SplitWriter(group, "train", len(counts), "float16", extra=features.ExtraViews("views", v, v))
+        writer.prepare(is_main=True)
+        for s, n in enumerate(counts):
+            writer.stage(s, staged[s][0], np.zeros(n), [f"s{s}_{i}" for i in range(n)], [], staged[s])
+        with pytest.raises(ValueError, match=r"views is \(2, 6, 8\), expected \(3, 6, 8\)"):
+            writer.stage(0, staged[0][0], np.zeros(6), ["k"] * 6, [], staged[0][:2])
+        sync = threading.Barrier(world)
+        workers = [threading.Thread(target=writer.finish, args=(D, r, world, sync.wait)) for r in range(world)]
+        [t.start() for t in workers]
+        [t.join() for t in workers]
+        stores[world] = FeatureStore.open(tmp_path / f"w{world}.zarr")
+        np.testing.assert_array_equal(stores[world].views("train"), np.concatenate(staged, axis=1))
+        assert stores[world].split_attrs("train")["views"] == v
+    np.testing.assert_array_equal(stores[1].features("train")[0], stores[2].features("train")[0])
+
+
+def test_create_store_refuses_other_view_settings(tmp_path):
+    path = tmp_path / "s.zarr"
+    create_store(path, _attrs())  # written before view settings existed: counts as none
+    assert create_store(path, {**_attrs(), "train_views": 0, "test_views": "none"}) is not None
+    for key, value in (("train_views", 4), ("test_views", "flip")):
+        with pytest.raises(UserError, match=rf"holds a store made with another {key} \((0|none)\).*--overwrite"):
+            create_store(path, {**_attrs(), key: value})
+
+
+def _chunk_file(store, array: str):
+    return sorted(p for p in (store / array / "c").rglob("*") if p.is_file())[-1]
+
+
+@pytest.mark.parametrize("array, damage", [("train/image", "flip"), ("train/image", "truncate"),
+                                           ("train/label", "delete"), ("train/key", "flip"),
+                                           ("train/views", "truncate"), ("test/tta", "flip")])
+def test_damaged_chunk_is_a_one_line_error_naming_array_and_rebuild(tmp_path, array, damage):
+    path = tmp_path / "d.zarr"
+    _with_views(path, np.random.default_rng(8))
+    z = zarr.open_group(str(path), mode="r+")
+    z.attrs["command"] = "ballad-pipe extract --ckpt c.pt --data d --out x"
+    chunk = _chunk_file(path, array)
+    data = bytearray(chunk.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x08
+        chunk.write_bytes(bytes(data))
+    elif damage == "truncate":
+        chunk.write_bytes(bytes(data[:len(data) // 2]))
+    else:
+        chunk.unlink()
+    fs = FeatureStore.open(path)
+    split, name = array.split("/")
+    read = {"image": lambda: fs.features(split), "label": lambda: fs.features(split), "key": lambda: fs.keys(split),
+            "views": lambda: fs.views(split), "tta": lambda: fs.tta_features(split)}[name]
+    with pytest.raises(UserError) as e:
+        read()
+    message = str(e.value)
+    assert "\n" not in message and f"array {array} is damaged" in message
+    problem = {"flip": "CRC32C checksum", "truncate": "CRC32C checksum", "delete": "chunk files are missing"}[damage]
+    assert problem in message
+    assert message.endswith(f"rebuild the store: `rm -r {path} && ballad-pipe extract --ckpt c.pt --data d --out x`")

@@ -28,7 +28,10 @@ def export(ckpt, adapter, features, out):
 @click.option("--add-classes", type=click.Path(dir_okay=False),
               help="File of class names, one per line, to predict among as well as the bundle's.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
-def predict(bundle_path, inputs, top_k, batch_size, device, classes, add_classes, as_json):
+@click.option("--tta", default="none", show_default=True,
+              help="Test-time ensembling: average the logits over the views of flip, five-crop or ten-crop "
+                   "(as `extract --test-views` + `evaluate --tta mean`); none: the centre crop alone.")
+def predict(bundle_path, inputs, top_k, batch_size, device, classes, add_classes, as_json, tta):
     """Top-k classes with probabilities of each image in INPUTS (files, or directories walked for images).
 
     Unreadable files are reported on stderr and skipped; the exit status is then non-zero.
@@ -37,7 +40,9 @@ def predict(bundle_path, inputs, top_k, batch_size, device, classes, add_classes
 
     from pipeline.errors import UserError
     from stages.bundle import Bundle, image_files, predict_files, read_classes
+    from stages.extract import check_test_views
 
+    check_test_views(tta, "--tta")
     paths = image_files(inputs)
     if not paths:
         raise UserError(f"no image files in {', '.join(inputs)}")
@@ -47,7 +52,7 @@ def predict(bundle_path, inputs, top_k, batch_size, device, classes, add_classes
     if add_classes:
         bundle.set_classes(bundle.classnames + read_classes(add_classes))
     skipped = 0
-    for path, preds, error in predict_files(bundle, paths, top_k, batch_size):
+    for path, preds, error in predict_files(bundle, paths, top_k, batch_size, tta):
         if error:
             skipped += 1
             click.echo(f"{path}: skipped, not a readable image ({error})", err=True)

@@ -29,17 +29,21 @@ def _fmt(value):
 @click.option("--knn-alpha", default=1.0, show_default=True, help="Weight of the cache votes.")
 @click.option("--knn-beta", default=5.0, show_default=True, help="Vote weight exp(−β(1 − cos)).")
 @click.option("--knn-gamma", default=0.0, show_default=True, help="Divide votes by class train count^γ.")
+@click.option("--tta", default="none", show_default=True,
+              help="`mean`: average the logits over the store's test-time views (extract --test-views); "
+                   "`none`: the eval-transform feature alone.")
 @device
 def evaluate(features, adapter, split, out, many_threshold, few_threshold, logit_adjust, knn_k, knn_alpha,
-             knn_beta, knn_gamma, device):
+             knn_beta, knn_gamma, tta, device):
     """Top-1/5, many/medium/few and ECE → metrics.json, per_class.csv, predictions.npz, per_class.png."""
     from stages.evaluate import evaluate as run
     from stages.knn import KnnConfig
 
     m = run(features, out, adapter=adapter, split=split, many=many_threshold, few=few_threshold,
-            logit_adjust=logit_adjust, knn=KnnConfig(knn_k, knn_alpha, knn_beta, knn_gamma), device=device)
+            logit_adjust=logit_adjust, knn=KnnConfig(knn_k, knn_alpha, knn_beta, knn_gamma), tta=tta, device=device)
+    views = f", logits averaged over the {m['tta_views']} views" if tta == "mean" else ""
     click.echo(f"top-1 {_fmt(m['top1'])}  top-5 {_fmt(m['top5'])}  many {_fmt(m['many'])}  medium {_fmt(m['medium'])}"
-               f"  few {_fmt(m['few'])}  ECE {_fmt(m['ece'])}  ({m['num_test']} {split} samples) → {out}")
+               f"  few {_fmt(m['few'])}  ECE {_fmt(m['ece'])}  ({m['num_test']} {split} samples{views}) → {out}")
 
 
 @click.command()
@@ -51,23 +55,22 @@ def evaluate(features, adapter, split, out, many_threshold, few_threshold, logit
 @thresholds
 @device
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder, e.g. reports/sweep.")
-def sweep(features, lambdas, epochs, lr, batch_size, sampler, form, position, seed, split, many_threshold,
-          few_threshold, device, out):
-    """Train and score one adapter per λ from the cache (paper Fig. 5)."""
+def sweep(features, lambdas, split, many_threshold, few_threshold, device, out, **train):
+    """Train and score one adapter per λ from the cache (paper Fig. 5); each keeps its epoch by --select."""
     from pipeline.errors import UserError
-    from stages.adapter import TrainConfig
+    from stages.adapter_config import TrainConfig
     from stages.sweep import sweep as run
 
     try:
         values = [float(v) for v in lambdas.split(",") if v.strip()]
     except ValueError:
         raise UserError(f"--lambdas {lambdas}: expected comma-separated numbers") from None
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, sampler=sampler, form=form, position=position,
-                      seed=seed)
-    rows = run(features, out, values, cfg, split=split, many=many_threshold, few=few_threshold, device=device)
-    click.echo(f"{'λ':>5} {'top-1':>7} {'many':>7} {'medium':>7} {'few':>7}")
+    rows = run(features, out, values, TrainConfig(**train), split=split, many=many_threshold, few=few_threshold,
+               device=device)
+    click.echo(f"{'λ':>5} {'top-1':>7} {'many':>7} {'medium':>7} {'few':>7} {'epoch':>5} {'val':>7}")
     for r in rows:
-        click.echo(f"{r['lambda']:>5g}" + "".join(f" {_fmt(r[k]):>7}" for k in ("top1", "many", "medium", "few")))
+        click.echo(f"{r['lambda']:>5g}" + "".join(f" {_fmt(r[k]):>7}" for k in ("top1", "many", "medium", "few"))
+                   + f" {r['selected_epoch']:>5} {_fmt(r['val_acc']):>7}")
     click.echo(f"→ {out}")
 
 

@@ -19,7 +19,14 @@ import click
 @click.option("--device", help="cpu, cuda, cuda:1 (default: CUDA when present; torchrun: cuda:LOCAL_RANK).")
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with another model, checkpoint or dataset.")
-def extract(ckpt, data, out, model, pretrained, splits, batch_size, workers, dtype, templates, device, strict, overwrite):
+@click.option("--train-views", default=0, show_default=True,
+              help="Random train-transform views stored per train image, for Phase B (0 to 1024).")
+@click.option("--view-seed", default=0, show_default=True,
+              help="Seed of the train views (each view's randomness: this seed, the sample key, the view index).")
+@click.option("--test-views", default="none", show_default=True,
+              help="Test-time views stored per val/test image: none, flip, five-crop or ten-crop (LIFT).")
+def extract(ckpt, data, out, model, pretrained, splits, batch_size, workers, dtype, templates, device, strict,
+            overwrite, train_views, view_seed, test_views):
     """Image features of every split and class text embeddings, into a resumable zarr store.
 
     Re-running the same command finishes an interrupted run; under torchrun each rank extracts its
@@ -29,6 +36,7 @@ def extract(ckpt, data, out, model, pretrained, splits, batch_size, workers, dty
 
     split_list = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
     done = run(ckpt, data, out, model=model, pretrained=pretrained, splits=split_list, batch_size=batch_size,
-               workers=workers, dtype=dtype, templates=templates, strict=strict, overwrite=overwrite, device=device)
+               workers=workers, dtype=dtype, templates=templates, strict=strict, overwrite=overwrite, device=device,
+               train_views=train_views, view_seed=view_seed, test_views=test_views)
     computed = ", ".join(f"{s}: {n} shard(s)" for s, n in done.items())
     click.echo(f"wrote {out} ({computed} computed)")
