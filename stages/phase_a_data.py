@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 
 from pipeline.errors import UserError
-from store.shards import DATASET_FILE, decode_label
+from store.shards import DATASET_FILE, local_path, split_member
 from store.stream import sample_stream
 
 MAX_DEFAULT_WORKERS = 4
@@ -31,36 +31,41 @@ def default_workers() -> int:
 def check_shards(info, split: str) -> list[str]:
     """The split's shard URLs, after checking local shards hold the labels dataset.json describes.
 
-    Reads only tar headers and the small label members, so it is cheap even for ImageNet-LT.
-    Remote shards (any URL webdataset opens) are checked as they stream instead.
+    Reads only tar headers and the small label members (the dataset's label key), so it is cheap even
+    for ImageNet-LT. When any shard is at a URL (webdataset opens it), the split is checked as it
+    streams instead: counting it here would download it once more.
     """
     urls = info.urls(split)
-    if any("://" in u for u in urls):
+    paths = [local_path(u) for u in urls]
+    if None in paths:
         return urls
     counts = [0] * info.num_classes
-    for url in urls:
-        for label in _shard_labels(Path(url)):
+    for path in paths:
+        for key, label in _shard_labels(path, info.label_key, info.remedy):
             if not 0 <= label < info.num_classes:
-                raise UserError(f"{url}: label {label} is outside the {info.num_classes} classes of {DATASET_FILE}")
+                raise UserError(f"{path}: label {label} of '{key}' is outside the {info.num_classes} classes of "
+                                f"{DATASET_FILE}; {info.remedy}")
             counts[label] += 1
     expected = info.split(split).class_counts
     if counts != expected:
         k = next(k for k, (a, b) in enumerate(zip(counts, expected)) if a != b)
         raise UserError(f"{info.root / DATASET_FILE}: split '{split}' lists {expected[k]} samples of class {k} "
-                        f"({info.classnames[k]!r}) but its shards hold {counts[k]}; re-run `ballad-pipe prepare`")
+                        f"({info.classnames[k]!r}) but its shards hold {counts[k]}; {info.remedy}")
     return urls
 
 
-def _shard_labels(path: Path):
+def _shard_labels(path: Path, label_key, remedy: str):
+    """(key, label) of every sample in a local shard, from its label members alone."""
     if path.stat().st_size == 0:
-        raise UserError(f"{path}: empty shard; re-run `ballad-pipe prepare`")
+        raise UserError(f"{path}: empty shard; {remedy}")
     try:
         with tarfile.open(path, "r") as tar:
             for member in tar:
-                if member.name.endswith(".cls"):
-                    yield decode_label(tar.extractfile(member).read())
+                key, ext = split_member(member.name)
+                if member.isreg() and ext == label_key.member:
+                    yield key, label_key.decode(tar.extractfile(member).read())
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable shard ({e.__class__.__name__}: {e}); re-run `ballad-pipe prepare`") from None
+        raise UserError(f"{path}: unreadable shard ({e.__class__.__name__}: {e}); {remedy}") from None
 
 
 class BadSampleCounter:

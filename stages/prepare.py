@@ -1,27 +1,39 @@
 """Stage `prepare`: long-tailed datasets → webdataset shards (see store/shards.py for the format).
 
-Three sources share one writer: the generated shapes demo, ImageNet-LT / Places-LT style split lists
-(`relative/path.jpg <label>` per line) and CIFAR-100-LT cut from the official python archive. Every
+Four sources share one writer: the generated shapes demo, ImageNet-LT / Places-LT style split lists
+(`relative/path.jpg <label>` per line), image folders in torchvision's ImageFolder layout (turned
+into the same (path, label) lists) and CIFAR-100-LT cut from the official python archive. Every
 source is turned into lazy sample specs first, so re-running after an interruption skips complete
 shards without generating, reading or decoding anything for them. Every option is checked before
 anything is read or written, and the writer holds the output's lock (pipeline/locks.py) for the
 whole run, so two runs never interleave their shards.
+
+A fifth source writes no shards: `index` describes webdataset shards that exist already (local,
+http(s), pipe:, …) in a dataset.json that lists their URLs, after one scan for labels and counts.
+Data sources, dataset.json's fields and what is checked when: docs/data.md.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
+import glob
 import hashlib
 import io
 import json
 import logging
 import math
 import numbers
+import os
 import pickle
+import re
 import shlex
 import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -29,7 +41,8 @@ from pipeline.errors import UserError
 from pipeline.locks import exclusive_lock
 from pipeline.runtime import progress, sha256_file, write_json
 from pipeline.text import DEFAULT_TEMPLATE
-from store.shards import DATASET_FILE, MARKER_FILE, SHARD_PATTERN, Sample, read_shard, write_shard
+from store.shards import (DATASET_FILE, IMAGE_EXTS, MARKER_FILE, SHARD_PATTERN, LabelKey, Sample, has_scheme,
+                          local_path, read_shard, write_shard)
 
 log = logging.getLogger("ballad.prepare")
 
@@ -60,13 +73,34 @@ def _check_imbalance(value, highest: float = math.inf, why: str = "") -> None:
         raise UserError(f"--imbalance {value}: must be a finite ratio n_max / n_min {span}")
 
 
+def _check_fraction(option: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                              or not (math.isfinite(value) and 0 <= value < 1)):
+        raise UserError(f"{option} {value}: must be a fraction from 0 to below 1")
+
+
+def _check_name(name) -> None:
+    if name is not None and (not name.strip() or "\n" in name):
+        raise UserError(f"--name {name!r}: must be a non-empty single line")
+
+
+def _check_out(out) -> Path:
+    """prepare writes a local directory; one at a URL is served or uploaded afterwards (docs/data.md)."""
+    if has_scheme(os.fspath(out)):
+        raise UserError(f"--out {out}: must be a local directory (serve or upload it afterwards)")
+    return Path(out)
+
+
 def _command(source: str, **options) -> str:
     """``ballad-pipe prepare SOURCE --option value …`` without --out: dataset.json records it so that an
-    error about a missing or damaged shard can name the command that rebuilds it (store.shards)."""
+    error about a missing or damaged shard can name the command that rebuilds it (store.shards). A list
+    value repeats its option."""
     args = ["ballad-pipe", "prepare", source]
     for name, value in options.items():
-        if value is not None and value is not False:
-            args += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+        flag = f"--{name.replace('_', '-')}"
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and v is not False:
+                args += [flag] + ([] if v is True else [str(v)])
     return shlex.join(args)
 
 
@@ -89,6 +123,11 @@ def write_dataset(out: str | Path, name: str, classnames: list[str], splits: dic
     for split, specs in splits.items():
         if not specs:
             raise UserError(f"split '{split}' of {name} is empty")
+        keys = collections.Counter(s.key for s in specs)
+        twice = next((k for k, n in keys.items() if n > 1), None)
+        if twice is not None:  # webdataset would merge the two into one sample
+            raise UserError(f"split '{split}' of {name}: two images give the sample key '{twice}' (keys drop the "
+                            "extension and turn dots into _); rename one")
     with exclusive_lock(out):
         _claim(out, fingerprint, overwrite)
         for stale in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
@@ -96,13 +135,24 @@ def write_dataset(out: str | Path, name: str, classnames: list[str], splits: dic
         recorded = _recorded_sha256(out)
         meta_splits = {split: _write_split(out, split, specs, len(classnames), shard_size, skip_bad, recorded)
                        for split, specs in splits.items()}
-        write_json(out / DATASET_FILE, {"name": name, "classnames": classnames, "template": template,
-                                        "fingerprint": fingerprint, "command": command, "splits": meta_splits})
+        _describe(out, name, classnames, template, fingerprint, command, meta_splits)
     return out
 
 
-def _claim(out: Path, fingerprint: str, overwrite: bool) -> None:
-    """Refuse a directory that holds another dataset; mark it as ours before writing shards."""
+def _describe(out: Path, name: str, classnames: list[str], template: str, fingerprint: str, command: str | None,
+              splits: dict, **extra) -> None:
+    """dataset.json, written last (atomically): the directory is a dataset from then on. ``extra``: the
+    fields only `prepare index` writes (label_key, indexed)."""
+    write_json(out / DATASET_FILE, {"name": name, "classnames": classnames, "template": template,
+                                    "fingerprint": fingerprint, "command": command, **extra, "splits": splits})
+
+
+def _claim(out: Path, fingerprint: str, overwrite: bool, keep_files: bool = False) -> None:
+    """Refuse a directory that holds another dataset; mark it as ours before writing shards.
+
+    ``--overwrite`` empties the directory first, unless ``keep_files`` (`prepare index`, whose --out may
+    hold the very shards it describes): then only dataset.json is replaced.
+    """
     for f in (out / DATASET_FILE, out / MARKER_FILE):
         if f.is_file():
             try:
@@ -113,7 +163,8 @@ def _claim(out: Path, fingerprint: str, overwrite: bool) -> None:
                 if not overwrite:
                     raise UserError(f"{out}: holds another dataset ({f.name} differs); "
                                     "choose another --out or pass --overwrite")
-                shutil.rmtree(out)
+                if not keep_files:
+                    shutil.rmtree(out)
                 break
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
@@ -226,6 +277,7 @@ def prepare_synthetic(out, imbalance: float = 100.0, seed: int = 0, max_count: i
     # Below 8 px a triangle, a diamond and a circle are a few alike pixels; the shapes are drawn at 4× the size.
     _check_int("--image-size", image_size, 8, 1024)
     _check_int("--shard-size", shard_size, 1)
+    _check_out(out)
     names = shapes.classnames()
     rng = np.random.default_rng(seed)
     # Which class is the head is drawn per seed, so "red" is not always frequent.
@@ -327,8 +379,8 @@ def prepare_lists(out, root, train_list, test_list, val_list=None, classes=None,
                   shard_size: int = 1000, skip_bad: bool = False, overwrite: bool = False) -> Path:
     _check_int("--seed", seed, 0, SEED_MAX)
     _check_int("--shard-size", shard_size, 1)
-    if name is not None and (not name.strip() or "\n" in name):
-        raise UserError(f"--name {name!r}: must be a non-empty single line")
+    _check_name(name)
+    _check_out(out)
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--root {root}: image root directory not found")
@@ -344,20 +396,32 @@ def prepare_lists(out, root, train_list, test_list, val_list=None, classes=None,
             raise UserError(f"--classes {classes}: {len(names)} names but {worst[0]} uses label {max_label}")
     else:
         names = classnames_from_folders(entries["train"], max_label + 1, lists["train"])
-    splits = {}
     for split, es in entries.items():
         for rel, _ in es:
             if not (root / rel).is_file():
                 raise UserError(f"{lists[split]}: image '{rel}' not found under {root}")
-        splits[split] = [Spec(_key(rel), lab, _file_loader(root / rel)) for rel, lab in es]
-    splits["train"] = _shuffled(splits["train"], seed)
     digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in lists.values()]
     fp = _fingerprint("lists", str(root.resolve()), digests, names, seed, shard_size)
     cmd = _command("list", root=_absolute(root), train_list=_absolute(train_list), test_list=_absolute(test_list),
-                   val_list=_absolute(val_list), classes=classes if classes in (None, "imagenet") else _absolute(classes),
-                   name=name, seed=seed, shard_size=shard_size, skip_bad=skip_bad)
-    return write_dataset(out, name or Path(train_list).stem.split("_")[0], names, splits, fp,
-                         shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite, command=cmd)
+                   val_list=_absolute(val_list), classes=_classes_arg(classes), name=name, seed=seed,
+                   shard_size=shard_size, skip_bad=skip_bad)
+    return _write_files(out, root, entries, names, name or Path(train_list).stem.split("_")[0], fp, cmd, seed=seed,
+                        shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite)
+
+
+def _classes_arg(classes: str | None) -> str | None:
+    return classes if classes in (None, "imagenet") else _absolute(classes)
+
+
+def _write_files(out, root: Path, entries: dict[str, list[tuple[str, int]]], names: list[str], name: str,
+                 fingerprint: str, command: str, *, seed: int, shard_size: int, skip_bad: bool, overwrite: bool) -> Path:
+    """Image files under ``root``, per split as (relative path, label), → shards: what `list` and `folder`
+    share. Files are copied byte for byte when JPEG/PNG/WebP; the train split is written in a seeded
+    random order, the others in the order given."""
+    splits = {split: [Spec(_key(rel), lab, _file_loader(root / rel)) for rel, lab in es] for split, es in entries.items()}
+    splits["train"] = _shuffled(splits["train"], seed)
+    return write_dataset(out, name, names, splits, fingerprint, shard_size=shard_size, skip_bad=skip_bad,
+                         overwrite=overwrite, command=command)
 
 
 def _key(rel: str) -> str:
@@ -366,7 +430,117 @@ def _key(rel: str) -> str:
     return stem.replace(".", "_")
 
 
-# ---------------------------------------------------------------- source 3: CIFAR-100-LT
+# ---------------------------------------------------------------- source 3: image folders (torchvision's ImageFolder)
+# torchvision.datasets.folder.IMG_EXTENSIONS (not imported: prepare runs without torch)
+FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+DEFAULT_TEST_FRACTION = 0.2  # of each class, when ROOT has no test/ folder
+
+
+def prepare_folder(out, root, val_fraction: float | None = None, test_fraction: float | None = None, seed: int = 0,
+                   classes: str | None = None, name: str | None = None, shard_size: int = 1000, skip_bad: bool = False,
+                   overwrite: bool = False) -> Path:
+    """torchvision's ImageFolder layout → shards, through the same (path, label) lists as `list`.
+
+    ``ROOT/<class>/…`` (images found recursively, as ImageFolder does; hidden files skipped) is split
+    per class: a seeded shuffle of the class's files, the first round(f·n) to test, the next to val,
+    the rest to train, so every class keeps its proportions and adding a class moves no other class's
+    images. ``ROOT/train/<class>/…`` + ``ROOT/test/<class>/…`` (+ ``ROOT/val/…``) keeps the split it
+    has; --val-fraction then draws val from train/ when there is no val/ folder. Labels are the sorted
+    class folders of the train images; names are the folder names (underscores → spaces) or
+    ``classes`` (a file in that order, or `imagenet` for the 1,000 ImageNet folders, sorted by WordNet id).
+    """
+    _check_fraction("--val-fraction", val_fraction)
+    _check_fraction("--test-fraction", test_fraction)
+    if (val_fraction or 0) + (test_fraction or 0) >= 1:
+        raise UserError(f"--val-fraction {val_fraction} + --test-fraction {test_fraction}: must add up to below 1 "
+                        "(train keeps the rest)")
+    _check_int("--seed", seed, 0, SEED_MAX)
+    _check_int("--shard-size", shard_size, 1)
+    _check_name(name)
+    _check_out(out)
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--root {root}: image folder not found")
+    given = {split: root / split for split in ("train", "val", "test") if (root / split).is_dir()}
+    if "train" in given and "test" in given:
+        source = given.pop("train")
+        if test_fraction:
+            raise UserError(f"--test-fraction {test_fraction}: {root} has a test/ folder, which is the test split")
+    elif "train" in given and "val" in given:  # a split layout without test/: the flat reading would make "train" a class
+        raise UserError(f"--root {root}: has train/ and val/ but no test/ folder; add test/<class>/ folders, or put "
+                        "the class folders directly under the root to split them by --test-fraction")
+    else:
+        source, given = root, {}
+    if val_fraction and "val" in given:
+        raise UserError(f"--val-fraction {val_fraction}: {root} has a val/ folder, which is the val split")
+    folders = _class_folders(source)
+    if classes:
+        names = load_classnames(classes)
+        if len(names) != len(folders):
+            raise UserError(f"--classes {classes}: {len(names)} names for the {len(folders)} class folders of {source}")
+    else:
+        names = [f.replace("_", " ") for f in folders]
+    fractions = {"test": DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction, "val": val_fraction or 0}
+    fractions = {split: f for split, f in fractions.items() if split not in given and f > 0}
+    entries: dict[str, list[tuple[str, int]]] = {"train": [], **{split: [] for split in (*given, *fractions)}}
+    for label, folder in enumerate(folders):
+        files = _images(source / folder, root)
+        drawn = _stratified(files, fractions, seed, label, source / folder)
+        for split, rels in drawn.items():
+            entries[split] += [(rel, label) for rel in rels]
+    for split, path in given.items():
+        extra = sorted(set(_class_folders(path)) - set(folders))
+        if extra:
+            raise UserError(f"{path / extra[0]}: class folder not in {source}")
+        for label, folder in enumerate(folders):
+            if (path / folder).is_dir():
+                entries[split] += [(rel, label) for rel in _images(path / folder, root)]
+    entries = {split: entries[split] for split in ("train", "val", "test") if entries.get(split)}
+    fp = _fingerprint("folder", str(root.resolve()), entries, names, seed, shard_size)
+    cmd = _command("folder", root=_absolute(root), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                   classes=_classes_arg(classes), name=name, shard_size=shard_size, skip_bad=skip_bad)
+    return _write_files(out, root, entries, names, name or root.resolve().name, fp, cmd, seed=seed,
+                        shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite)
+
+
+def _class_folders(path: Path) -> list[str]:
+    folders = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
+        raise UserError(f"{path}: no class folders (expected ROOT/<class>/*.jpg, or ROOT/train/<class>/… and "
+                        "ROOT/test/<class>/…)")
+    return folders
+
+
+def _images(folder: Path, root: Path) -> list[str]:
+    """Image files under ``folder`` (recursively, following links as ImageFolder does), as sorted paths
+    relative to ``root``; an empty class folder is refused."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in FOLDER_SUFFIXES]
+    if not found:
+        raise UserError(f"{folder}: class folder holds no images ({', '.join(FOLDER_SUFFIXES)})")
+    return sorted(Path(f).relative_to(root).as_posix() for f in found)
+
+
+def _stratified(files: list[str], fractions: dict[str, float], seed: int, label: int, folder: Path) -> dict[str, list[str]]:
+    """One class's files → {split: sorted files}: a shuffle seeded by (seed, label), then round(f·n) files
+    per drawn split (test first, then val) and the rest to train, which must keep at least one."""
+    order = np.random.default_rng([seed, label]).permutation(len(files))
+    drawn, at = {}, 0
+    for split, f in fractions.items():
+        n = math.floor(f * len(files) + 0.5)
+        drawn[split] = sorted(files[i] for i in order[at:at + n])
+        at += n
+    if at >= len(files):
+        given = " ".join(f"--{split}-fraction {f}" for split, f in fractions.items())
+        raise UserError(f"{folder}: its {len(files)} image(s) leave none for train with {given}; "
+                        "lower the fraction or add images")
+    return {"train": sorted(files[i] for i in order[at:]), **drawn}
+
+
+# ---------------------------------------------------------------- source 4: CIFAR-100-LT
 def cifar_lt_counts(imbalance: float, num_classes: int = 100, max_count: int = 500) -> list[int]:
     """n_i = ⌊500 · ρ^(−i/99)⌋, as in LDAM-DRW and BALLAD (10,847 images at ρ = 100)."""
     return [int(max_count * (1.0 / imbalance) ** (i / (num_classes - 1))) for i in range(num_classes)]
@@ -385,6 +559,7 @@ def prepare_cifar100_lt(out, archive, imbalance: float = 100.0, seed: int = 0, s
     _check_imbalance(imbalance, 500, "the largest class has 500 images; a larger ratio leaves the smallest none")
     _check_int("--seed", seed, 0, SEED_MAX)
     _check_int("--shard-size", shard_size, 1)
+    _check_out(out)
     archive = Path(archive)
     if not archive.is_file():
         raise UserError(f"--archive {archive}: file not found")
@@ -414,3 +589,214 @@ def prepare_cifar100_lt(out, archive, imbalance: float = 100.0, seed: int = 0, s
     cmd = _command("cifar100-lt", archive=_absolute(archive), imbalance=imbalance, seed=seed, shard_size=shard_size)
     return write_dataset(out, f"cifar100-lt-r{imbalance:g}", names, splits, fp, shard_size=shard_size,
                          overwrite=overwrite, command=cmd)
+
+
+# ---------------------------------------------------------------- source 5: existing webdataset shards, described in place
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+RESERVED_SPLITS = ("text",)  # the feature store keeps the class prompts in a group of that name
+CURL_STATUS = {6: "host not found", 7: "connection refused", 22: "HTTP error, e.g. 404 not found", 28: "timed out"}
+
+
+def prepare_index(out, shards, classes: str, label_key: str = "cls", name: str | None = None, workers: int = 4,
+                  overwrite: bool = False) -> Path:
+    """Describe existing webdataset shards in ``out``/dataset.json without copying them.
+
+    ``shards``: ``SPLIT=PATTERN`` strings. A pattern is expanded as webdataset expands it (braces:
+    ``data-{000000..000146}.tar``) into local paths (which may also hold ``*``/``?`` globs) or any URL
+    webdataset opens (``http(s)://`` through curl, ``pipe:CMD``, ``gs://``, …). Every shard is read
+    once, through webdataset's own tar reader and sample grouping, so the counts are what the stages
+    will stream: each sample needs an image member (IMAGE_EXTS) and a ``label_key`` label within
+    ``classes``; image bytes are not decoded (the stages skip undecodable ones, or stop with --strict).
+    Local shards are listed by absolute path (relative when under ``out``, so that the directory moves
+    and serves whole) with their byte size and sha256, which readers compare as for our own shards;
+    URLs are listed as given, without sizes. The fingerprint covers every shard's sha256, remote ones
+    too, so Phase A's --resume and the feature store notice a re-indexed dataset whose bytes changed.
+    """
+    key = LabelKey.parse(label_key, "--label-key")
+    _check_name(name)
+    _check_int("--workers", workers, 1, 64)
+    out = _check_out(out)
+    patterns = _split_patterns(shards)
+    names = load_classnames(classes)
+    urls = {split: _expand(split, pattern) for split, pattern in patterns.items()}
+    with exclusive_lock(out):
+        splits, hashes = {}, {}
+        for split, us in urls.items():
+            scans = _scan_split(split, us, key, names, classes, workers)
+            entries = [_shard_entry(u, out) for u in us]
+            local = [local_path(u) is not None for u in us]
+            counts = [sum(c) for c in zip(*(s.counts for s in scans))]
+            if not sum(counts):
+                raise UserError(f"--shards {split}={patterns[split]}: its shards hold no samples")
+            exts = sum((s.image_exts for s in scans), collections.Counter())
+            splits[split] = {"shards": entries, "shard_bytes": [s.size if lo else None for s, lo in zip(scans, local)],
+                             "shard_sha256": [s.sha256 if lo else None for s, lo in zip(scans, local)],
+                             "num_samples": sum(counts), "class_counts": counts, "skipped": [],
+                             "image_exts": dict(sorted(exts.items()))}
+            hashes[split] = [(e, s.sha256) for e, s in zip(entries, scans)]
+        fp = _fingerprint("index", str(key), names, hashes)
+        cmd = _command("index", shards=[f"{s}={_absolute_pattern(p)}" for s, p in patterns.items()],
+                       classes=_classes_arg(classes), label_key=str(key), name=name)
+        _claim(out, fp, overwrite, keep_files=True)
+        _describe(out, name or out.absolute().name, names, DEFAULT_TEMPLATE, fp, cmd, splits, label_key=str(key),
+                  indexed=True)
+    return out
+
+
+def _split_patterns(shards) -> dict[str, str]:
+    example = "e.g. --shards train=data/train-{000000..000009}.tar"
+    if not shards:
+        raise UserError(f"--shards: give at least one SPLIT=PATTERN, {example}")
+    patterns = {}
+    for item in [shards] if isinstance(shards, str) else shards:
+        split, sep, pattern = item.partition("=")
+        if not sep or not pattern or not SPLIT_NAME.fullmatch(split):
+            raise UserError(f"--shards {item}: expected SPLIT=PATTERN (SPLIT: letters, digits, _ and -), {example}")
+        if split in RESERVED_SPLITS:
+            raise UserError(f"--shards {item}: '{split}' cannot name a split (the feature store uses it)")
+        if split in patterns:
+            raise UserError(f"--shards {item}: split '{split}' is given twice")
+        patterns[split] = pattern
+    return patterns
+
+
+def _expand(split: str, pattern: str) -> list[str]:
+    """A --shards pattern → shard URLs: braces expanded (braceexpand, as webdataset does), then local
+    entries checked to exist (globs expanded, sorted) and made absolute; URLs as they are."""
+    import braceexpand
+
+    option = f"--shards {split}={pattern}"
+    try:
+        expanded = list(braceexpand.braceexpand(pattern))
+    except braceexpand.UnbalancedBracesError as e:
+        raise UserError(f"{option}: {e}") from None
+    urls, missing = [], []
+    for entry in expanded:
+        path = local_path(entry)
+        if path is None:
+            urls.append(entry)
+        elif re.search(r"[*?[]", str(path)):
+            urls += [os.path.abspath(p) for p in sorted(glob.glob(str(path))) if os.path.isfile(p)]
+        elif path.is_file():
+            urls.append(os.path.abspath(path))
+        else:
+            missing.append(entry)
+    if not urls:
+        raise UserError(f"{option}: matches no file")
+    if missing:
+        raise UserError(f"{option}: {missing[0]} not found ({len(missing)} of the {len(expanded)} shards it names)")
+    twice = next((u for u, n in collections.Counter(urls).items() if n > 1), None)
+    if twice is not None:
+        raise UserError(f"{option}: names {twice} twice")
+    return urls
+
+
+def _absolute_pattern(pattern: str) -> str:
+    """A local pattern made absolute for the recorded command (braces and globs kept); URLs as they are."""
+    return pattern if has_scheme(pattern) else str(Path(pattern).absolute())
+
+
+def _shard_entry(url: str, out: Path) -> str:
+    """How dataset.json lists a shard: URLs as given; local files relative to ``out`` when under it, else absolute."""
+    if local_path(url) is None:
+        return url
+    rel = Path(os.path.relpath(url, os.path.abspath(out)))
+    return url if rel.parts[0] == ".." else rel.as_posix()
+
+
+@dataclass(frozen=True)
+class _Scan:
+    counts: list[int]
+    image_exts: collections.Counter
+    size: int
+    sha256: str
+
+
+def _scan_split(split: str, urls: list[str], key: LabelKey, names: list[str], classes: str, workers: int) -> list[_Scan]:
+    """Scan ``urls`` with ``workers`` threads (reading is I/O: a file, curl or a command); the first failing
+    shard in order stops the run, with shards not yet started cancelled."""
+    bar = progress(total=len(urls), desc=f"index {split}", unit="shard")
+    with bar, concurrent.futures.ThreadPoolExecutor(min(workers, len(urls))) as pool:
+        futures = [pool.submit(_scan_shard, url, key, len(names), classes) for url in urls]
+        try:
+            scans = []
+            for f in futures:
+                scans.append(f.result())
+                bar.update()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    return scans
+
+
+class _HashingReader:
+    """What a tar reader takes from a shard, hashed and counted on the way, so that its one scan also
+    gives the shard's sha256 and size; ``drain`` reads the rest (the padding after the end-of-archive)."""
+
+    def __init__(self, raw, url: str):
+        self.raw, self.url, self.size, self.hash = raw, url, 0, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def __str__(self) -> str:  # webdataset names the stream in its error messages
+        return self.url
+
+
+def _scan_shard(url: str, key: LabelKey, num_classes: int, classes: str) -> _Scan:
+    import webdataset as wds
+    from webdataset import tariterators
+
+    counts, exts, raw = [0] * num_classes, collections.Counter(), None
+    try:
+        raw = wds.gopen(url)
+        stream = _HashingReader(raw, url)
+        for sample in tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": stream}])):
+            label, ext = _indexed_sample(sample, url, key, num_classes, classes)
+            counts[label] += 1
+            exts[ext] += 1
+        stream.drain()
+        raw.close()  # a reading command's exit status (curl for http(s), pipe:) is checked here
+    except UserError:
+        raise
+    except (OSError, tarfile.TarError, EOFError, ValueError) as e:  # a command's exit status is an OSError
+        with contextlib.suppress(OSError):
+            raw is not None and raw.close()  # a reading command (curl, pipe:) ends here; its exit status says why
+        status = getattr(raw, "status", None)  # webdataset's Pipe keeps it
+        if status not in (None, *getattr(raw, "ignore_status", ())):
+            curl = CURL_STATUS.get(status) if urlparse(url).scheme in ("http", "https") else None
+            raise UserError(f"{url}: cannot be read (its reader exited with status {status}"
+                            f"{'; curl: ' + curl if curl else ''})") from None
+        what = e.args[0] if e.args else e  # webdataset appends the stream and URL to the arguments
+        raise UserError(f"{url}: unreadable shard ({e.__class__.__name__}: {' '.join(str(what).split())[:200]})") from None
+    finally:
+        if raw is not None:
+            with contextlib.suppress(OSError):  # closed already, or closing after an error reported above
+                raw.close()
+    return _Scan(counts, exts, stream.size, stream.hash.hexdigest())
+
+
+def _indexed_sample(sample: dict, url: str, key: LabelKey, num_classes: int, classes: str) -> tuple[int, str]:
+    """(label, image member type) of one sample as webdataset streams it, or a one-line error naming it."""
+    where = f"{url}: sample '{sample['__key__']}'"
+    members = ", ".join(sorted(m for m in sample if not m.startswith("__")))
+    image = next((e for e in IMAGE_EXTS if e in sample), None)
+    if image is None:
+        raise UserError(f"{where} has no image member ({', '.join(IMAGE_EXTS)}); it has: {members}")
+    if key.member not in sample:
+        raise UserError(f"{where} has no .{key.member} member for --label-key {key}; it has: {members}")
+    try:
+        label = key.decode(sample[key.member])
+    except ValueError as e:
+        raise UserError(f"{where}: unreadable label for --label-key {key} ({e})") from None
+    if not 0 <= label < num_classes:
+        raise UserError(f"{where} has label {label}, outside the {num_classes} classes of --classes {classes}")
+    return label, image

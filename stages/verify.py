@@ -49,7 +49,7 @@ def _one_line(e: Exception) -> str:
 
 # ---------------------------------------------------------------- dataset directories (prepare)
 def _dataset(path: Path) -> Iterator[Finding]:
-    from store.shards import DATASET_FILE, load_dataset, shard_problems
+    from store.shards import DATASET_FILE, load_dataset, local_path, shard_problems
 
     try:
         info = load_dataset(path)
@@ -64,7 +64,7 @@ def _dataset(path: Path) -> Iterator[Finding]:
         if not problems:
             checked = ("sha256, tar and labels match dataset.json" if s.shard_sha256 is not None
                        else "tar and labels match dataset.json (no sha256 recorded: written by an older prepare)")
-            remote = sum("://" in rel for rel in s.shards)
+            remote = sum(local_path(info.resolve(rel)) is None for rel in s.shards)
             note = f"; {remote} remote shard(s) not checked" if remote else ""
             yield Finding(True, f"{path / split}: {len(s.shards)} shard(s), {s.num_samples} samples; {checked}{note}")
 

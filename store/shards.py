@@ -15,21 +15,32 @@ reader (``urls``) compares sizes, a stat per shard; hashing every byte is left t
 verify`` (``verify_shards``): on ImageNet-LT's ~13 GB of train shards that would add some 25 s to every
 Phase A and extract start (docs/reliability.md). Files from before these records (no sizes, hashes or
 command) still load.
+
+A dataset.json may also describe shards that ``prepare`` did not write (``prepare index``): its shard
+entries are then any URL webdataset opens (``http(s)://``, ``pipe:``, …) or absolute local paths, and
+``label_key`` names the member that holds each sample's label. ``DatasetInfo.urls`` hands the key on
+inside the URLs it returns (``ShardURL``), so every stage streams such shards unchanged. dataset.json
+itself may be read from a URL (fsspec): relative shard paths then resolve against that URL. Which
+checks apply where: docs/data.md.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import re
 import shlex
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
+from urllib.parse import urljoin, urlparse
+from urllib.request import url2pathname
 
 from pipeline.errors import UserError
 
-IMAGE_EXTS = ("jpg", "png", "webp")
+# `prepare` writes the first three; "jpeg" is as common in shards made elsewhere (`prepare index`).
+IMAGE_EXTS = ("jpg", "png", "webp", "jpeg")
 SHARD_PATTERN = "shard-{:06d}.tar"
 DATASET_FILE = "dataset.json"
 MARKER_FILE = ".prepare.json"  # written first: says which dataset an unfinished directory holds
@@ -43,68 +54,164 @@ class Sample:
     label: int
 
 
+@dataclass(frozen=True)
+class LabelKey:
+    """Where a sample's integer label is: the member ``<key>.<member>`` holding an ASCII integer (``cls``,
+    what ``prepare`` writes), or, with ``field``, a JSON member whose ``field`` is the integer
+    (``json:label``: shards made by img2dataset-like tools keep their metadata in ``.json``). Written
+    ``member`` or ``member:field`` on the command line (``prepare index --label-key``) and in dataset.json.
+    Members are matched lowercased, as webdataset lowercases extensions."""
+
+    member: str = "cls"
+    field: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str, where: str) -> "LabelKey":
+        m = re.fullmatch(r"([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)(?::(\S+))?", spec) if isinstance(spec, str) else None
+        if m is None or m.group(1).lower() in IMAGE_EXTS:
+            raise UserError(f"{where} {spec!r}: expected EXT (the member holding an integer label, e.g. cls) or "
+                            f"EXT:FIELD (an integer field of a JSON member, e.g. json:label), EXT not an image type")
+        return cls(m.group(1).lower(), m.group(2))
+
+    def __str__(self) -> str:
+        return self.member if self.field is None else f"{self.member}:{self.field}"
+
+    def decode(self, value: bytes) -> int:
+        """The label in the member's bytes; ValueError saying what is wrong otherwise."""
+        if self.field is None:
+            return decode_label(value)
+        try:
+            label = json.loads(value)[self.field]
+        except (ValueError, KeyError, TypeError) as e:  # not JSON, not an object, or no such field
+            raise ValueError(f"no field '{self.field}' in its .{self.member} ({e.__class__.__name__})") from None
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise ValueError(f"field '{self.field}' of its .{self.member} is {label!r}, not an integer")
+        return label
+
+
+CLS = LabelKey()
+
+
+class ShardURL(str):
+    """A shard URL that carries its dataset's ``LabelKey``.
+
+    ``DatasetInfo.urls`` returns these for datasets whose labels are not in ``.cls`` members, so that
+    store.stream decodes them right although the stages only pass URLs along (a plain str means
+    ``.cls``, the default and fast path). Everywhere else it is the str it holds.
+    """
+
+    def __new__(cls, url: str, label_key: LabelKey):
+        self = super().__new__(cls, url)
+        self.label_key = label_key
+        return self
+
+    def __reduce__(self):  # DataLoader workers started by spawn receive the URLs pickled
+        return ShardURL, (str(self), self.label_key)
+
+
+def label_key_of(urls: Iterable[str]) -> LabelKey:
+    """The label key that shard URLs carry (``ShardURL``); ``.cls`` for plain strings."""
+    keys = {getattr(u, "label_key", CLS) for u in urls}
+    if len(keys) > 1:
+        raise ValueError(f"shard URLs of one stream carry different label keys: {sorted(map(str, keys))}")
+    return keys.pop() if keys else CLS
+
+
+def has_scheme(url: str) -> bool:
+    """``http://…``, ``pipe:cmd``, ``file:…``, ``s3://…``: what webdataset (gopen) does not open as a plain path."""
+    return bool(urlparse(url).scheme)
+
+
+def local_path(url: str) -> Path | None:
+    """The file a shard URL names on this machine (a plain path or ``file:``, as webdataset opens them), else None."""
+    parsed = urlparse(url)
+    if not parsed.scheme:
+        return Path(url)
+    return Path(url2pathname(parsed.path)) if parsed.scheme == "file" else None
+
+
+class URLRoot(str):
+    """The directory URL of a dataset.json read through fsspec: a str that also joins like a Path
+    (``root / "dataset.json"``), as code and messages written for local dataset directories do."""
+
+    def __truediv__(self, rel) -> "URLRoot":
+        return URLRoot(urljoin(self + "/", str(rel)))
+
+
 @dataclass
 class SplitInfo:
     shards: list[str]
     num_samples: int
     class_counts: list[int]
     skipped: list[str] = field(default_factory=list)
-    shard_bytes: list[int] | None = None  # per shard, in order; None in dataset.json files that predate them
-    shard_sha256: list[str] | None = None
+    # Per shard, in order; None in dataset.json files that predate them. `prepare index` records them for
+    # local shards only (None entries for URLs): the cheap check compares local sizes at every start.
+    shard_bytes: list[int | None] | None = None
+    shard_sha256: list[str | None] | None = None
+    image_exts: dict[str, int] | None = None  # samples per image member type; recorded by `prepare index`
 
 
 @dataclass
 class DatasetInfo:
-    """The parsed dataset.json of a shard directory."""
+    """The parsed dataset.json of a shard directory (``root``: a Path, or a ``URLRoot`` when read from a URL)."""
 
-    root: Path
+    root: Path | URLRoot
     name: str
     classnames: list[str]
     template: str
     splits: dict[str, SplitInfo]
     fingerprint: str
     command: str | None = None  # `ballad-pipe prepare …` less --out; None in older dataset.json files
+    label_key: LabelKey = CLS
+    indexed: bool = False  # written by `prepare index`: the shards are the user's, described where they are
 
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
 
     @property
-    def rebuild(self) -> str:
-        """The command that rewrites missing or damaged shards here (``prepare`` keeps the whole ones)."""
-        return f"`{self.command or 'ballad-pipe prepare …'} --out {shlex.quote(str(self.root))}`"
+    def remedy(self) -> str:
+        """What to do about a missing or damaged shard: rewrite it (``prepare`` keeps the whole ones), or,
+        for shards that `prepare index` described, restore it or describe the shards anew."""
+        out = f"{self.command or 'ballad-pipe prepare …'} --out {shlex.quote(str(self.root))}"
+        if self.indexed:
+            return f"restore it, or describe the shards again with `{out} --overwrite`"
+        return f"rebuild it with `{out}`"
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
             raise UserError(f"{self.root / DATASET_FILE}: no split '{name}' (has: {', '.join(self.splits)})")
         return self.splits[name]
 
+    def resolve(self, shard: str) -> str:
+        """A shard entry of dataset.json as webdataset opens it: URLs and absolute paths as they are,
+        relative paths against the dataset's directory (or its URL)."""
+        return shard if has_scheme(shard) or os.path.isabs(shard) else str(self.root / shard)
+
     def urls(self, split: str) -> list[str]:
-        """Shard paths of ``split`` in order; local files are checked to exist with their recorded size."""
+        """Shard URLs of ``split`` in order, carrying the label key (``ShardURL``) unless it is ``.cls``;
+        local files are checked to exist with their recorded size."""
         info = self.split(split)
         if not info.shards:
             raise UserError(f"{self.root / DATASET_FILE}: split '{split}' is empty")
         verify_shards(self, split, full=False)
-        return [rel if "://" in rel else str(self.root / rel) for rel in info.shards]
+        urls = [self.resolve(rel) for rel in info.shards]
+        return urls if self.label_key == CLS else [ShardURL(u, self.label_key) for u in urls]
 
 
 def load_dataset(root: str | os.PathLike) -> DatasetInfo:
-    """Read and check ``root/dataset.json``; refuses unfinished or malformed directories."""
-    root_str = str(root)
-    root = Path(root)
-    meta_path = root / DATASET_FILE
-    if "://" not in root_str and not root.is_dir():
-        raise UserError(f"{root}: no such dataset directory (run `ballad-pipe prepare … --out {root}`)")
-    if not meta_path.is_file():
-        hint = " (an unfinished prepare: re-run it)" if (root / MARKER_FILE).exists() else ""
-        raise UserError(f"{meta_path}: missing; {root} is not a prepared dataset{hint}")
+    """Read and check dataset.json. ``root`` is its directory or the file itself, on this machine or at a
+    URL fsspec reads (``http(s)://`` read-only, ``s3://`` with s3fs, …); refuses unfinished or malformed
+    directories."""
+    text, root, meta_path = _read_description(root)
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(text)
         splits = {name: SplitInfo(**s) for name, s in meta["splits"].items()}
         info = DatasetInfo(root=root, name=meta["name"], classnames=list(meta["classnames"]),
                            template=meta["template"], splits=splits, fingerprint=meta["fingerprint"],
-                           command=meta.get("command"))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                           command=meta.get("command"), indexed=bool(meta.get("indexed", False)),
+                           label_key=LabelKey.parse(meta.get("label_key", "cls"), f"{meta_path}: label_key"))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{meta_path}: malformed dataset description ({e.__class__.__name__}: {e})") from None
     for name, s in info.splits.items():
         if len(s.class_counts) != info.num_classes or sum(s.class_counts) != s.num_samples:
@@ -116,6 +223,37 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
     return info
 
 
+def _read_description(root: str | os.PathLike) -> tuple[bytes, Path | URLRoot, Path | URLRoot]:
+    """(dataset.json's bytes, the dataset's root, dataset.json's path) for a local path or a URL."""
+    where = os.fspath(root)
+    root = local_path(where)
+    if root is not None:
+        if root.name == DATASET_FILE and root.is_file():
+            root = root.parent
+        meta_path = root / DATASET_FILE
+        if not root.is_dir():
+            raise UserError(f"{root}: no such dataset directory (run `ballad-pipe prepare … --out {root}`)")
+        if not meta_path.is_file():
+            hint = " (an unfinished prepare: re-run it)" if (root / MARKER_FILE).exists() else ""
+            raise UserError(f"{meta_path}: missing; {root} is not a prepared dataset{hint}")
+        return meta_path.read_bytes(), root, meta_path
+    import fsspec
+
+    base = where.rstrip("/")
+    root = URLRoot(base[: -len(DATASET_FILE) - 1] if base.endswith("/" + DATASET_FILE) else base)
+    meta_path = root / DATASET_FILE
+    try:
+        with fsspec.open(meta_path, "rb") as f:
+            return f.read(), root, meta_path
+    except Exception as e:  # fsspec's errors differ by protocol: unknown scheme, missing driver, refused connection
+        # fsspec's http reports any failure as FileNotFoundError; the HTTP status in its cause tells them apart
+        cause = e.__cause__ if isinstance(e, FileNotFoundError) else e
+        if cause is None or getattr(cause, "status", None) == 404:
+            raise UserError(f"{meta_path}: not found; {root} is not a prepared dataset") from None
+        why = " ".join(str(cause).split())[:200]
+        raise UserError(f"{meta_path}: cannot be read ({cause.__class__.__name__}: {why})") from None
+
+
 def verify_shards(info: DatasetInfo, split: str, full: bool = True) -> None:
     """Raise a one-line UserError for the first problem ``shard_problems`` finds in ``split``."""
     problem = next(shard_problems(info, split, full), None)
@@ -124,33 +262,35 @@ def verify_shards(info: DatasetInfo, split: str, full: bool = True) -> None:
 
 
 def shard_problems(info: DatasetInfo, split: str, full: bool = True) -> Iterator[str]:
-    """One line per damaged local shard of ``split``, naming it and the command that rebuilds it.
+    """One line per damaged local shard of ``split``, naming it and what to do about it.
 
     Always: the shard exists with the byte size dataset.json records. ``full`` also reads every byte:
-    the sha256, the tar to its end, labels within the classes, and (when every shard passed) the
-    labels adding up to the split's class counts. Remote shards are checked as they stream instead.
+    the sha256, the tar to its end, labels within the classes, and (when every shard passed and all
+    are local) the labels adding up to the split's class counts. Shards at URLs are checked as they
+    stream instead.
     """
     s = info.split(split)
-    fix = f"rebuild it with {info.rebuild}"
     counts = [0] * info.num_classes
-    damaged = False
+    damaged = remote = False
     for i, rel in enumerate(s.shards):
-        if "://" in rel:
+        path = local_path(info.resolve(rel))
+        if path is None:
+            remote = True
             continue
-        path = info.root / rel
         size = s.shard_bytes[i] if s.shard_bytes else None
         sha = s.shard_sha256[i] if s.shard_sha256 else None
-        problem = _shard_problem(path, size, sha, counts if full else None)
+        problem = _shard_problem(path, size, sha, counts if full else None, info.label_key)
         if problem is not None:
             damaged = True
-            yield f"{path}: {problem}; {fix}"
-    if full and not damaged and counts != s.class_counts and not any("://" in rel for rel in s.shards):
+            yield f"{path}: {problem}; {info.remedy}"
+    if full and not damaged and not remote and counts != s.class_counts:
         k = next(k for k, (a, b) in enumerate(zip(counts, s.class_counts)) if a != b)
         yield (f"{info.root / DATASET_FILE}: split '{split}' lists {s.class_counts[k]} samples of class {k} "
-               f"({info.classnames[k]!r}) but its shards hold {counts[k]}; {fix}")
+               f"({info.classnames[k]!r}) but its shards hold {counts[k]}; {info.remedy}")
 
 
-def _shard_problem(path: Path, size: int | None, sha256: str | None, counts: list[int] | None) -> str | None:
+def _shard_problem(path: Path, size: int | None, sha256: str | None, counts: list[int] | None,
+                   label_key: LabelKey) -> str | None:
     """What is wrong with one shard, or None; ``counts`` (full check) collects its labels."""
     from pipeline.runtime import sha256_file
 
@@ -165,7 +305,7 @@ def _shard_problem(path: Path, size: int | None, sha256: str | None, counts: lis
     if sha256 is not None and sha256_file(path) != sha256:
         return f"damaged shard (its sha256 differs from {DATASET_FILE}'s)"
     try:
-        for sample in read_shard(path):
+        for sample in read_shard(path, label_key):
             if not 0 <= sample.label < len(counts):
                 return f"label {sample.label} of '{sample.key}' is outside the {len(counts)} classes"
             counts[sample.label] += 1
@@ -197,19 +337,28 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> int:
     return n
 
 
-def read_shard(path: str | os.PathLike) -> Iterator[Sample]:
-    """Samples of one local shard in stored order (tests and tools; training streams with webdataset)."""
+def read_shard(path: str | os.PathLike, label_key: LabelKey = CLS) -> Iterator[Sample]:
+    """Samples of one local shard in stored order (tests and tools; training streams with webdataset).
+    Members group into samples as webdataset groups them: key up to the first dot of the file name."""
     with tarfile.open(path, "r") as tar:
         pending: dict[str, dict[str, bytes]] = {}
         for member in tar:
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            key = member.name[: len(member.name) - len(ext) - 1]
+            if not member.isreg():  # directory entries in tars written by other tools
+                continue
+            key, ext = split_member(member.name)
             parts = pending.setdefault(key, {})
             parts[ext] = tar.extractfile(member).read()
-            if "cls" in parts and any(e in parts for e in IMAGE_EXTS):
+            if label_key.member in parts and any(e in parts for e in IMAGE_EXTS):
                 img_ext = next(e for e in IMAGE_EXTS if e in parts)
-                yield Sample(key, img_ext, parts[img_ext], int(parts["cls"]))
+                yield Sample(key, img_ext, parts[img_ext], label_key.decode(parts[label_key.member]))
                 del pending[key]
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """(sample key, lowercased extension) of a tar member, as webdataset splits it: at the first dot of
+    the file name (``a/b.seg.png`` → ``a/b``, ``seg.png``)."""
+    _, dot, ext = name.rpartition("/")[2].partition(".")
+    return (name[: len(name) - len(ext) - 1] if dot else name), ext.lower()
 
 
 def decode_label(value: bytes) -> int:

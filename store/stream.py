@@ -3,7 +3,8 @@
     shards → (split by node) → (split by worker) → (shuffle shards) → tar samples → (shuffle) → decode → transform
 
 Yields ``(key, image, label)``. Unreadable images are skipped and reported through ``on_bad`` (a
-callable taking the key), or raise ``UserError`` naming the key when ``strict``.
+callable taking the key), or raise ``UserError`` naming the key when ``strict``. Labels are read from
+the member the URLs' label key names (store.shards.ShardURL; plain URLs: ``.cls``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import logging
 from typing import Callable
 
 from pipeline.errors import UserError
-from store.shards import IMAGE_EXTS, decode_label
+from store.shards import CLS, IMAGE_EXTS, LabelKey, label_key_of
 
 log = logging.getLogger("ballad.stream")
 
@@ -21,16 +22,16 @@ class BadSample(Exception):
     pass
 
 
-def decode_sample(sample: dict, transform: Callable | None = None, strict: bool = False):
+def decode_sample(sample: dict, transform: Callable | None = None, strict: bool = False, label_key: LabelKey = CLS):
     """webdataset sample dict → (key, transformed image, label); raises BadSample if undecodable."""
     from PIL import Image
 
     key = sample["__key__"]
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     try:
-        if ext is None or "cls" not in sample:
+        if ext is None or label_key.member not in sample:
             raise ValueError("missing image or label")
-        label = decode_label(sample["cls"])
+        label = label_key.decode(sample[label_key.member])
         with Image.open(io.BytesIO(sample[ext])) as im:
             img = im.convert("RGB")
     except Exception as e:  # any decoder failure means the same thing: this sample is unusable
@@ -63,15 +64,15 @@ def sample_stream(urls: list[str], transform: Callable | None = None, *, shuffle
         stages.append(wds.detshuffle(bufsize=shuffle_buffer, initial=min(shuffle_buffer, 1000), seed=seed))
     if before_decode is not None:
         stages.append(before_decode)
-    stages.append(_decoded(transform, strict, on_bad))
+    stages.append(_decoded(transform, strict, on_bad, label_key_of(urls)))
     return wds.DataPipeline(*stages)
 
 
-def _decoded(transform, strict, on_bad):
+def _decoded(transform, strict, on_bad, label_key):
     def stage(samples):
         for sample in samples:
             try:
-                yield decode_sample(sample, transform, strict)
+                yield decode_sample(sample, transform, strict, label_key)
             except BadSample as e:
                 log.warning("skipping unreadable sample '%s'", e.args[0])
                 if on_bad is not None:

@@ -1,14 +1,16 @@
-"""`ballad-pipe prepare {synthetic,list,cifar100-lt}`: datasets → webdataset shards."""
+"""`ballad-pipe prepare {synthetic,list,folder,cifar100-lt,index}`: datasets → webdataset shards + dataset.json."""
 import click
 
 shard_size = click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
 overwrite = click.option("--overwrite", is_flag=True, help="Replace a different dataset already in --out.")
 out = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+skip_bad = click.option("--skip-bad", is_flag=True, help="Skip unreadable images (each key is reported) instead of failing.")
+name = click.option("--name", help="Dataset name (default: from the input's name).")
 
 
 @click.group()
 def prepare():
-    """Write a long-tailed dataset as webdataset shards plus dataset.json."""
+    """Write a long-tailed dataset as webdataset shards plus dataset.json (or describe existing shards)."""
 
 
 @prepare.command()
@@ -38,11 +40,11 @@ def synthetic(out, imbalance, seed, max_count, test_per_class, val_per_class, im
 @click.option("--val-list", type=click.Path())
 @click.option("--classes", help="Class names file (one per line, index = line) or `imagenet`; "
                                 "default: the train list's folder names.")
-@click.option("--name", help="Dataset name (default: from the train list's file name).")
+@name
 @click.option("--seed", default=0, show_default=True, help="Seed of the train split's shuffled order.")
 @out
 @shard_size
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (each key is reported) instead of failing.")
+@skip_bad
 @overwrite
 def list_(root, train_list, test_list, val_list, classes, name, seed, out, shard_size, skip_bad, overwrite):
     """ImageNet-LT / Places-LT style split lists."""
@@ -50,6 +52,30 @@ def list_(root, train_list, test_list, val_list, classes, name, seed, out, shard
 
     path = prepare_lists(out, root, train_list, test_list, val_list=val_list, classes=classes, name=name, seed=seed,
                          shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
+@prepare.command()
+@click.option("--root", required=True, type=click.Path(),
+              help="ROOT/<class>/*.jpg, or ROOT/train/<class>/… + ROOT/test/<class>/… (+ ROOT/val/<class>/…).")
+@click.option("--val-fraction", type=float, help="Share of each class drawn for val when ROOT has no val/ folder "
+                                                 "[default: 0].")
+@click.option("--test-fraction", type=float, help="Share of each class drawn for test when ROOT has no test/ folder "
+                                                  "[default: 0.2].")
+@click.option("--seed", default=0, show_default=True, help="Seed of the per-class split and the train order.")
+@click.option("--classes", help="Class names file (one per line, in sorted-folder order) or `imagenet`; "
+                                "default: the folder names, underscores → spaces.")
+@name
+@out
+@shard_size
+@skip_bad
+@overwrite
+def folder(root, val_fraction, test_fraction, seed, classes, name, out, shard_size, skip_bad, overwrite):
+    """Image folders in torchvision's ImageFolder layout."""
+    from stages.prepare import prepare_folder
+
+    path = prepare_folder(out, root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, classes=classes,
+                          name=name, shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite)
     click.echo(f"wrote {path}")
 
 
@@ -66,3 +92,23 @@ def cifar100_lt(archive, out, imbalance, seed, shard_size, overwrite):
 
     path = prepare_cifar100_lt(out, archive, imbalance=imbalance, seed=seed, shard_size=shard_size, overwrite=overwrite)
     click.echo(f"wrote {path}")
+
+
+@prepare.command()
+@click.option("--shards", "shards", multiple=True, required=True, metavar="SPLIT=PATTERN",
+              help="A split's shards, once per split: local paths or any URL webdataset opens (http(s)://, "
+                   "pipe:CMD, …), with braces ({000000..000146}) and, for local paths, globs.")
+@click.option("--classes", required=True, help="Class names file (one per line, index = line) or `imagenet`.")
+@click.option("--label-key", default="cls", show_default=True,
+              help="Member holding each sample's integer label: EXT (e.g. cls) or EXT:FIELD for a JSON member's "
+                   "field (e.g. json:label).")
+@name
+@click.option("--workers", default=4, show_default=True, help="Shards read at once.")
+@out
+@overwrite
+def index(shards, classes, label_key, name, workers, out, overwrite):
+    """Existing webdataset shards, described in place (nothing is copied)."""
+    from stages.prepare import prepare_index
+
+    path = prepare_index(out, shards, classes, label_key=label_key, name=name, workers=workers, overwrite=overwrite)
+    click.echo(f"wrote {path / 'dataset.json'}")
