@@ -2,11 +2,14 @@
 
 ``create_model(name, pretrained)`` returns the model with the train and eval transforms of the
 authors' code (colour jitter included) and a tokenizer. ``name`` is any open_clip architecture
-(``RN50``, ``ViT-B-16``, …) or ``ballad-tiny``, a small randomly initialised CLIP shipped inside this
-package for tests and the demo. ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``:
-downloaded on first use, so only on machines with network), a local checkpoint path (our ``final.pt``
-or any open_clip state dict), or None for random init. Nothing else in the project calls open_clip's
-factory.
+(``RN50``, ``ViT-B-16``, …) or one shipped inside this package for tests and the demo: ``ballad-tiny``
+(a small CLIP with a ResNet image tower) and ``ballad-tiny-vit`` (the same text tower beside a small
+ViT, for Phase A's lightweight ``--tune`` variants, which need transformer blocks). ``pretrained`` is an
+open_clip tag (``openai``, ``laion2b_s34b_b79k``: downloaded on first use, so only on machines with
+network), a local checkpoint path (our ``final.pt`` or any open_clip state dict), or None for random
+init. A Phase A checkpoint may carry AdaptFormer branches (rebuilt before loading) and a trained
+classifier head (``Backbone.head``); see pipeline/peft.py. Nothing else in the project calls
+open_clip's factory.
 """
 from __future__ import annotations
 
@@ -37,10 +40,21 @@ class Backbone:
     tokenizer: Callable
     image_size: int
     embed_dim: int
+    head: "torch.Tensor | None" = None  # noqa: F821  [K, D] trained class weights (Phase A --classifier head)
 
     @property
     def context_length(self) -> int:
         return self.tokenizer.context_length
+
+    def class_head(self, num_classes: int):
+        """The checkpoint's trained classifier [K, D] as float32 numpy, or None when it has none (the
+        class prompts' text embeddings classify); refuses a head trained for another class count."""
+        if self.head is None:
+            return None
+        if self.head.shape[0] != num_classes:
+            raise UserError(f"{self.pretrained}: its classifier head has {self.head.shape[0]} classes, "
+                            f"the dataset {num_classes}")
+        return self.head.float().numpy()
 
 
 class _NoRandomInitWarning(logging.Filter):
@@ -73,6 +87,21 @@ def check_model_name(name: str) -> None:
         close = difflib.get_close_matches(name, models, n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `python -c 'import open_clip; print(open_clip.list_models())'` lists them"
         raise UserError(f"--model {name}: unknown open_clip architecture{hint}")
+
+
+def image_tower(name: str) -> str:
+    """What the architecture's config says its image tower is: ``transformer`` (open_clip's ViT with
+    its standard attention blocks) or a phrase naming what it is instead. Read before building, so
+    that options needing transformer blocks are refused before any work."""
+    vision = (_open_clip().get_model_config(name) or {}).get("vision_cfg", {})
+    if vision.get("timm_model_name"):
+        return "a timm image tower"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "a ResNet image tower"
+    custom = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+    if vision.get("block_type") == "custom" or any(vision.get(k) for k in custom):
+        return "custom attention blocks"
+    return "transformer"
 
 
 def build_transforms(image_size: int, mean=CLIP_MEAN, std=CLIP_STD, color_jitter: float = COLOR_JITTER):
@@ -129,8 +158,7 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", *, colo
     is_file = pretrained is not None and os.path.exists(pretrained)
     model = open_clip.create_model(name, pretrained=None if is_file else pretrained, device=device, weights_only=True,
                                    precision="fp16" if fp16_weights else "fp32")
-    if is_file:
-        load_checkpoint(model, pretrained, name)
+    head = load_checkpoint(model, pretrained, name) if is_file else None
     cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
     mean, std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
     size = _image_size(model)
@@ -138,18 +166,26 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", *, colo
     tokenizer = open_clip.get_tokenizer(name)
     with torch.no_grad():
         embed_dim = int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
+    if head is not None and (head.dim() != 2 or head.shape[1] != embed_dim):
+        raise UserError(f"{pretrained}: its classifier head is {tuple(head.shape)}, the model embeds in "
+                        f"{embed_dim} dimensions")
     return Backbone(name=name, pretrained=pretrained, model=model, train_transform=train_tf,
-                    eval_transform=eval_tf, tokenizer=tokenizer, image_size=size, embed_dim=embed_dim)
+                    eval_transform=eval_tf, tokenizer=tokenizer, image_size=size, embed_dim=embed_dim, head=head)
 
 
-def load_checkpoint(model, path: str, name: str) -> None:
-    """Load a state dict file into ``model`` after checking every tensor's name and shape.
+def load_checkpoint(model, path: str, name: str):
+    """Load a state dict file into ``model`` after checking every tensor's name and shape; returns the
+    trained classifier head it carries (Phase A ``--classifier head``) or None.
 
     A checkpoint is untrusted input: ``weights_only=True`` refuses pickled code, and safetensors files
     hold no code at all. Accepts our ``final.pt``, a bundle's ``model.safetensors``, open_clip state dicts
-    and ``{"state_dict": …}`` wrappers (DDP ``module.`` prefixes are stripped).
+    and ``{"state_dict": …}`` wrappers (DDP ``module.`` prefixes are stripped). A checkpoint trained with
+    ``--tune adaptformer`` holds the branches' tensors: the branches are added to ``model`` first, with
+    the width those tensors have (LoRA is merged into the weights, so it needs nothing).
     """
     import torch
+
+    from pipeline.peft import HEAD_KEY, add_adaptformer, adaptformer_width, has_image_blocks
 
     try:
         if str(path).endswith(".safetensors"):  # a bundle's model.safetensors (stages/bundle.py)
@@ -165,6 +201,10 @@ def load_checkpoint(model, path: str, name: str) -> None:
     if not isinstance(sd, dict):
         raise UserError(f"{path}: expected a state dict, found {type(sd).__name__}")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    head = sd.pop(HEAD_KEY, None)
+    width = adaptformer_width(sd)
+    if width is not None and has_image_blocks(model):  # else the check below names the extra tensors
+        add_adaptformer(model, width)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -174,6 +214,7 @@ def load_checkpoint(model, path: str, name: str) -> None:
                   else f"{len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[0]}")
         raise UserError(f"{path}: checkpoint does not match architecture {name} ({detail})")
     model.load_state_dict(sd, strict=True)
+    return head
 
 
 def _looks_like_path(s: str) -> bool:

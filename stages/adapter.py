@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.prior import log_prior
 from pipeline.runtime import atomic_path, cpu_threads_for, pick_device, progress
 from pipeline.schedule import epoch_lr
 from stages.adapter_config import TrainConfig
@@ -139,12 +140,6 @@ def embed_all(model: Adapter, feats: torch.Tensor, chunk: int = 16384) -> torch.
     return torch.cat([model.embed(feats[i:i + chunk].float()) for i in range(0, len(feats), chunk)])
 
 
-def log_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """log of the train class prior; a class without train samples counts as one (as evaluate's)."""
-    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).double()
-    return (counts / counts.sum()).log().float()
-
-
 @torch.no_grad()
 def top1(model: Adapter, feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> float:
     """Top-1 accuracy in percent of the plain logits (the ones evaluate scores)."""
@@ -211,7 +206,8 @@ def fit(feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: fl
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
     with torch.no_grad():  # without a text adapter the classifier is a constant: normalise it once
         fixed = model.classifier(text) if model.text is None else None
-    bias = cfg.la_tau * log_prior(labels, text.shape[0]) if cfg.loss == "logit-adjusted" else None
+    bias = (cfg.la_tau * log_prior(torch.bincount(labels, minlength=text.shape[0]))
+            if cfg.loss == "logit-adjusted" else None)
     total = torch.zeros((), device=device)
     # A draw of sample i reads row `rows` of `source`: feats itself (row i), the stored views flattened
     # view-major (row v·N + i), or the streamed epoch's one view per sample (row i). Cast after the gather:

@@ -29,10 +29,30 @@ The method, with the authors' code's choices as the defaults (docs/fidelity.md l
   nothing. Our default keeps fp32 weights (the optimizer's master copy) with bf16 autocast on CUDA, a
   deliberate improvement; ``fp16-weights`` reproduces the authors' numerics on CUDA.
 
+LIFT's recipe (Shi et al., ICML 2024; docs/lift.md), each part a flag beside BALLAD's default:
+- ``--tune`` (pipeline/peft.py): ``full`` (BALLAD) trains both towers; ``bias``, ``lora`` and
+  ``adaptformer`` train only their image-tower parameters and freeze the text tower, as LIFT.
+- ``--classifier``: ``text`` (BALLAD) classifies with the text tower's embeddings of the K prompts,
+  computed every step; ``head`` (LIFT) trains a cosine classifier W [K, D] initialised from those
+  embeddings (computed once by the frozen text tower, L2-normalised), so the text tower does not run
+  per step and is frozen even under ``--tune full``. logits = s · norm(v) · norm(W)ᵀ on the projected
+  image embedding v, the feature ``extract`` stores, with the same s as ``text``: the model's logit
+  scale (``--logit-scale 25`` is LIFT's). LIFT puts the head on the 768-d feature before the image
+  projection, initialised with the text embeddings mapped back through the projection's transpose;
+  ours keeps the store's D-dim space, so ``extract`` writes the trained W as the store's class
+  embeddings. The head trains with the tower's lr and weight decay, as LIFT's single optimizer.
+- ``--loss logit-adjusted`` adds τ · log(train class prior) (pipeline/prior.py, the same as Phase B's)
+  to the training logits only; validation and test accuracies use the plain logits.
+Differences from LIFT's code kept on purpose: BALLAD's train transform (LIFT: RandomResizedCrop 0.08–1,
+bilinear, no colour jitter; ``--color-jitter 0`` drops ours), the authors' schedule stepped at epoch
+start (``--schedule standard`` is LIFT's), no test-time ensembling here (``extract --test-views`` and
+``evaluate --tta``).
+
 Gradient accumulation (``--micro-batch``) gives the full-batch gradient while running the text tower
 forward with gradients once per step: the earlier micro-batches use detached text features and
 collect the loss gradient with respect to them, and the last micro-batch adds ⟨u, g⟩ to its loss,
-so a single backward through the text tower carries the gradient of the whole batch. Under DDP that
+so a single backward through the text tower carries the gradient of the whole batch (with
+``--classifier head`` the head's weights take the text features' part). Under DDP that
 last backward is the one that synchronises, so gradients are all-reduced once per step. With frozen
 BatchNorm statistics this is exact for ResNet towers too; in train mode each micro-batch is
 normalised by its own statistics, as in any gradient accumulation.
@@ -55,11 +75,15 @@ import torch.nn.functional as F
 from pipeline.distributed import cleanup, device_for, init_distributed
 from pipeline.errors import UserError
 from pipeline.locks import exclusive_lock
-from pipeline.models import COLOR_JITTER, check_model_name, create_model
+from pipeline.models import COLOR_JITTER, check_model_name, create_model, image_tower
+from pipeline.peft import (HEAD_KEY, LORA_RANK, TRANSFORMER_TUNES, TUNES, add_tuning, export_state_dict,
+                           mark_trainable, needs_blocks)
+from pipeline.prior import log_prior
 from pipeline.provenance import source_digest
 from pipeline.runtime import atomic_path, autocast, pick_device, progress, seed_everything, sha256_file, write_json
 from pipeline.schedule import SCHEDULES, epoch_lr
 from pipeline.text import class_prompts, encode_text, tokenize_trimmed
+from stages.adapter_config import LOSSES
 from stages.phase_a_data import BadSampleCounter, check_shards, default_workers, eval_batches, train_batches
 from store.shards import DATASET_FILE, load_dataset
 
@@ -70,6 +94,7 @@ OPTIMIZERS = ("sgd", "adamw")
 BATCHNORM_MODES = ("auto", "frozen", "train")
 SELECT_MODES = ("auto", "best-val", "last")
 PRECISIONS = ("fp32", "fp16-weights")
+CLASSIFIERS = ("text", "head")
 
 
 @dataclass
@@ -91,6 +116,12 @@ class PhaseAConfig:
     color_jitter: float = COLOR_JITTER  # 0 = no colour jitter
     select: str = "auto"  # auto: best-val when the dataset has a val split, else last
     precision: str = "fp32"
+    tune: str = "full"  # pipeline/peft.py: full (BALLAD) | bias | lora | adaptformer (LIFT)
+    lora_rank: int = LORA_RANK
+    adapter_width: int | None = None  # None = LIFT's rule from the class and block counts
+    classifier: str = "text"  # text: the prompts' embeddings every step (BALLAD); head: a trained cosine head (LIFT)
+    loss: str = "ce"  # logit-adjusted: + la_tau · log(train prior) in training (LIFT)
+    la_tau: float = 1.0
     seed: int = 0
     workers: int = field(default_factory=default_workers)
     shuffle_buffer: int = 2000
@@ -105,20 +136,25 @@ class PhaseAConfig:
 
 # What a resumed run must share with the run that wrote last.pt; the rest may change between attempts.
 RESUME_KEYS = ("model", "pretrained", "epochs", "optimizer", "lr", "weight_decay", "momentum", "batch_size",
-               "logit_scale", "schedule", "batchnorm", "color_jitter", "select", "precision", "seed")
+               "logit_scale", "schedule", "batchnorm", "color_jitter", "select", "precision", "tune", "lora_rank",
+               "adapter_width", "classifier", "loss", "la_tau", "seed")
 
 
 class Towers(torch.nn.Module):
-    """Both encoders behind one forward(), so DistributedDataParallel sees every trainable parameter.
+    """Both encoders (and the classifier head, if any) behind one forward(), so DistributedDataParallel
+    sees every trainable parameter. forward(images, tokens) returns the image embeddings and the class
+    weights: the text tower's embeddings of the prompts, or the head [K, D] with ``--classifier head``
+    (which needs no text tower; ``tokens`` then only asks for the class weights).
 
     It also owns the numerics. ``fp32``: fp32 weights and bf16 autocast on CUDA (fp32 on CPU).
     ``fp16-weights``: the factory built the model with fp16 weights, as the authors' is; images are
     cast to fp16 and nothing is autocast. Either way the logits are computed in fp32 (class_logits).
     """
 
-    def __init__(self, clip, precision: str = "fp32"):
+    def __init__(self, clip, precision: str = "fp32", head: torch.Tensor | None = None):
         super().__init__()
         self.clip, self.precision = clip, precision
+        self.register_parameter("head", None if head is None else torch.nn.Parameter(head))
 
     def _numerics(self, device):
         return autocast(device, enabled=self.precision == "fp32")
@@ -133,9 +169,13 @@ class Towers(torch.nn.Module):
         with self._numerics(images.device):
             return self.clip.encode_image(images)
 
+    def classes(self, tokens):
+        """The class weights [K, D]: the text tower on the prompt tokens, or the head."""
+        return self.text(tokens) if self.head is None else self.head
+
     def forward(self, images, tokens=None):
-        text = None if tokens is None else self.text(tokens)
-        return self.image(images), text
+        classes = None if tokens is None else self.classes(tokens)
+        return self.image(images), classes
 
 
 def batchnorm_mode(batchnorm: str, pretrained: str | None) -> str:
@@ -159,23 +199,28 @@ def class_logits(image_features, text_features, scale: float):
     return scale * F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
 
 
-def train_step(net, tokens, micro_batches, scale: float) -> float:
-    """Forward and backward of one optimizer step over ``micro_batches`` [(images, labels)]; returns the mean loss."""
+def train_step(net, tokens, micro_batches, scale: float, bias: torch.Tensor | None = None) -> float:
+    """Forward and backward of one optimizer step over ``micro_batches`` [(images, labels)]; returns the
+    mean loss. ``bias`` [K] is added to the training logits (``--loss logit-adjusted``: τ·log prior)."""
+    def loss_of(image, classes, y):
+        logits = class_logits(image, classes, scale)
+        return F.cross_entropy(logits if bias is None else logits + bias, y) * (len(y) / n)
+
     n = sum(len(y) for _, y in micro_batches)
-    *head, (x_last, y_last) = micro_batches
+    *first, (x_last, y_last) = micro_batches
     total, grad_text = 0.0, None
-    if head:
-        with torch.no_grad():
-            text = getattr(net, "module", net).text(tokens).float()
+    if first:
+        with torch.no_grad():  # detached: a head's own tensor must not collect these gradients itself
+            text = getattr(net, "module", net).classes(tokens).detach().float()
         text.requires_grad_(True)
         with getattr(net, "no_sync", contextlib.nullcontext)():
-            for x, y in head:
-                loss = F.cross_entropy(class_logits(net(x)[0], text, scale), y) * (len(y) / n)
+            for x, y in first:
+                loss = loss_of(net(x)[0], text, y)
                 loss.backward()
                 total += loss.item()
         grad_text = text.grad
     image, text = net(x_last, tokens)
-    loss = F.cross_entropy(class_logits(image, text, scale), y_last) * (len(y_last) / n)
+    loss = loss_of(image, text, y_last)
     total += loss.item()
     if grad_text is not None:
         loss = loss + (text.float() * grad_text).sum()
@@ -186,13 +231,14 @@ def train_step(net, tokens, micro_batches, scale: float) -> float:
 @torch.no_grad()
 def split_accuracy(towers: Towers, tokens, urls, transform, *, samples: int, batch: int, workers: int, train_counts,
                    channels_last: bool = False, desc: str = "accuracy") -> dict:
-    """Top-1 accuracy of the model's own prompt classifier on the first ``samples`` images of a split,
-    overall (``top1``) and per shot group; evaluated in eval mode, the model's mode restored after."""
+    """Top-1 accuracy of the model's own classifier (prompts or head; plain logits) on the first
+    ``samples`` images of a split, overall (``top1``) and per shot group; evaluated in eval mode, the
+    model's mode restored after."""
     device, k = tokens.device, len(train_counts)
     training = towers.training
     towers.eval()
     try:
-        text = F.normalize(towers.text(tokens).float(), dim=-1)
+        text = F.normalize(towers.classes(tokens).float(), dim=-1)
         correct, seen = torch.zeros(k), torch.zeros(k)
         with progress(desc=desc, total=samples, unit="img") as bar:
             for images, labels in eval_batches(urls, transform, batch=batch, workers=workers, limit=samples):
@@ -250,11 +296,12 @@ def check_options(cfg: PhaseAConfig) -> None:
     def refuse(name, why):
         raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: {why}")
 
-    for name in ("epochs", "batch_size", "save_every", "eval_samples"):
+    for name in ("epochs", "batch_size", "save_every", "eval_samples", "lora_rank"):
         if getattr(cfg, name) < 1:
             refuse(name, "must be at least 1")
-    if cfg.micro_batch is not None and cfg.micro_batch < 1:
-        refuse("micro_batch", "must be at least 1")
+    for name in ("micro_batch", "adapter_width"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            refuse(name, "must be at least 1")
     for name in ("workers", "shuffle_buffer", "eval_every"):
         if getattr(cfg, name) < 0:
             refuse(name, "must be 0 or more")
@@ -264,12 +311,14 @@ def check_options(cfg: PhaseAConfig) -> None:
                           ("weight_decay", cfg.weight_decay >= 0, "must be 0 or more"),
                           ("momentum", 0 <= cfg.momentum < 1, "must be in [0, 1)"),
                           ("color_jitter", cfg.color_jitter >= 0, "must be 0 (off) or more"),
-                          ("logit_scale", cfg.logit_scale is None or cfg.logit_scale > 0, "must be above 0")):
+                          ("logit_scale", cfg.logit_scale is None or cfg.logit_scale > 0, "must be above 0"),
+                          ("la_tau", cfg.la_tau >= 0, "must be 0 or more")):
         value = getattr(cfg, name)
         if not ok or (value is not None and not math.isfinite(value)):
             refuse(name, f"{why} and finite")
     for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("batchnorm", BATCHNORM_MODES),
-                          ("select", SELECT_MODES), ("precision", PRECISIONS)):
+                          ("select", SELECT_MODES), ("precision", PRECISIONS), ("tune", TUNES),
+                          ("classifier", CLASSIFIERS), ("loss", LOSSES)):
         if getattr(cfg, name) not in choices:
             refuse(name, f"choose one of {', '.join(choices)}")
 
@@ -356,6 +405,8 @@ def run_phase_a(cfg: PhaseAConfig) -> Path:
     """Train, checkpoint and write OUT/final.pt + OUT/final.json; returns the path of final.pt."""
     check_options(cfg)
     check_model_name(cfg.model)
+    if cfg.tune in TRANSFORMER_TUNES and (tower := image_tower(cfg.model)) != "transformer":
+        raise needs_blocks(cfg.tune, tower)
     info = load_dataset(cfg.data)
     select = selection(cfg, info)
     device_type = pick_device(cfg.device).type
@@ -395,7 +446,15 @@ class _Run:
         self.bb, self.model, self.scale = bb, bb.model, float(bb.model.logit_scale.exp())
         self.mode = batchnorm_mode(cfg.batchnorm, bb.pretrained)
         self.tokens = tokenize_trimmed(bb.tokenizer, class_prompts(info.classnames, info.template)).to(self.device)
-        self.opt = make_optimizer(cfg, self.model)
+        self.tuning = add_tuning(self.model, cfg.tune, num_classes=info.num_classes, lora_rank=cfg.lora_rank,
+                                 adapter_width=cfg.adapter_width)
+        mark_trainable(self.model, cfg.tune, train_text=cfg.tune == "full" and cfg.classifier == "text")
+        self.towers = Towers(self.model, cfg.precision,
+                             text_head(self.model, self.tokens) if cfg.classifier == "head" else None)
+        self.tuning["trainable_params"] = sum(p.numel() for p in self.towers.parameters() if p.requires_grad)
+        self.bias = (cfg.la_tau * log_prior(info.split("train").class_counts).to(self.device)
+                     if cfg.loss == "logit-adjusted" else None)
+        self.opt = make_optimizer(cfg, self.towers)
         self.step, self.bad_before, self.best = 0, 0, None  # best: {"epoch", "val_acc"} of the best epoch so far
         if ckpt is not None:
             self._resume(ckpt)
@@ -409,20 +468,33 @@ class _Run:
         if dist.is_main:
             with atomic_path(self.log_path) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        self.towers = Towers(self.model, cfg.precision)
         set_batchnorm(self.towers, self.mode)
         self.net = self.towers
         if dist.enabled:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.towers, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.bad = BadSampleCounter()
-        log.info("phase-a: %d steps (%d epochs), model mode %s, schedule %s, precision %s, selection %s",
-                 self.total, cfg.epochs, self.mode, cfg.schedule, cfg.precision, select)
+        log.info("phase-a: %d steps (%d epochs), model mode %s, schedule %s, precision %s, selection %s, "
+                 "tune %s (%d trainable parameters), classifier %s, loss %s", self.total, cfg.epochs, self.mode,
+                 cfg.schedule, cfg.precision, select, cfg.tune, self.tuning["trainable_params"], cfg.classifier,
+                 cfg.loss)
+
+    def _state(self) -> dict:
+        """What training changes: the model's state dict, and the head under HEAD_KEY with --classifier head.
+        last.pt and best.pt hold it as "model"; final.pt holds it through export_state_dict (LoRA merged)."""
+        state = self.model.state_dict()
+        if self.towers.head is not None:
+            state[HEAD_KEY] = self.towers.head.detach()
+        return state
 
     def _resume(self, ckpt: dict) -> None:
+        state = dict(ckpt["model"])
+        head = state.pop(HEAD_KEY, None)
         try:
-            self.model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
+            self.model.load_state_dict(state)
+            if self.towers.head is not None:
+                self.towers.head.data.copy_(head)
+        except (RuntimeError, TypeError) as e:
             raise UserError(f"{self.last_path}: checkpoint does not match --model {self.cfg.model} "
                             f"({str(e).splitlines()[0]})") from None
         self.opt.load_state_dict(ckpt["optimizer"])
@@ -468,7 +540,7 @@ class _Run:
             self._check_labels(micro_batches)
             loss = train_step(self.net, self.tokens, [(_to_device(x, device, self.channels_last),
                                                        y.to(device, non_blocking=True)) for _, x, y in micro_batches],
-                              self.scale)
+                              self.scale, self.bias)
             stats = torch.tensor([loss, self.bad.value], device=device)
             if dist.enabled:
                 torch.distributed.all_reduce(stats)
@@ -532,7 +604,7 @@ class _Run:
             return False
         self.best = {"epoch": epoch, "val_acc": acc}
         self._save_last()
-        _save_best(self.best_path, self.model.state_dict(), self.best)
+        _save_best(self.best_path, self._state(), self.best)
         return True
 
     def _test(self, epoch: int) -> None:
@@ -552,7 +624,7 @@ class _Run:
 
     def _save_last(self) -> None:
         if self.dist.is_main:
-            state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+            state = {"model": self._state(), "optimizer": self.opt.state_dict(), "step": self.step,
                      "total_steps": self.total, "bad_samples": self.bad_samples, "best": self.best,
                      "rng": _rng_state(self.device), "config": asdict(self.cfg),
                      "dataset_fingerprint": self.info.fingerprint, "source_digest": source_digest()}
@@ -560,10 +632,11 @@ class _Run:
                 torch.save(state, tmp)
 
     def _finish(self) -> Path:
-        """Write final.pt (a plain state dict open_clip loads: the selected epoch's weights) and then
-        final.json; check that the ranks ended with the same weights."""
+        """Write final.pt (the selected epoch's weights as a state dict the factory loads; a plain open_clip
+        one with --tune full, bias or lora and --classifier text) and then final.json; check that the
+        ranks ended with the same weights."""
         cfg, dist, out = self.cfg, self.dist, self.out
-        state = self.model.state_dict()
+        state = self._state()
         digest = param_digest(state)
         digests = [digest]
         if dist.enabled:
@@ -578,7 +651,7 @@ class _Run:
                 chosen = torch.load(self.best_path, map_location="cpu", weights_only=True)
                 state, epoch, val_acc = chosen["model"], chosen["epoch"], chosen["val_acc"]
             with atomic_path(final) as tmp:
-                torch.save(state, tmp)
+                torch.save(export_state_dict(state), tmp)
             tests = [r for r in self.rows if "test_acc" in r and r["epoch"] == epoch]
             _write_loss_csv(out / "train_log.csv", self.rows)
             write_json(out / "final.json", {
@@ -589,6 +662,9 @@ class _Run:
                 "steps": self.total, "epochs": cfg.epochs, "steps_per_epoch": self.steps_per_epoch,
                 "logit_scale": self.scale, "batchnorm": self.mode, "precision": cfg.precision,
                 "schedule": cfg.schedule, "select": self.select, "selected_epoch": epoch, "val_acc": val_acc,
+                "tuning": self.tuning, "classifier": cfg.classifier,
+                "head_key": None if self.towers.head is None else HEAD_KEY,
+                "loss": cfg.loss, "la_tau": cfg.la_tau if cfg.loss == "logit-adjusted" else None,
                 "eval": tests[-1] if tests else None, "bad_samples": self.bad_samples,
                 "world_size": dist.world_size, "rank_param_digests": digests, "config": asdict(cfg)})
         return final
@@ -611,6 +687,13 @@ def _build_model(cfg: PhaseAConfig, device):
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return bb, channels_last
+
+
+def text_head(model, tokens) -> torch.Tensor:
+    """LIFT's classifier initialisation (``init_head: text_feat``): the frozen text tower's L2-normalised
+    embeddings of the class prompts, in fp32. With these weights the head's logits are the zero-shot ones."""
+    with torch.no_grad():
+        return F.normalize(encode_text(model, tokens).float(), dim=-1)
 
 
 def make_optimizer(cfg: PhaseAConfig, model) -> torch.optim.Optimizer:

@@ -6,6 +6,7 @@ import click
 
 from pipeline.models import COLOR_JITTER
 from pipeline.schedule import SCHEDULES
+from stages.adapter_config import LOSSES
 from stages.phase_a_data import default_workers
 
 
@@ -38,6 +39,22 @@ from stages.phase_a_data import default_workers
 @click.option("--precision", type=click.Choice(["fp32", "fp16-weights"]), default="fp32", show_default=True,
               help="fp32: fp32 weights, bf16 autocast on CUDA; fp16-weights: the authors' fp16 weights updated "
                    "directly (CUDA only).")
+@click.option("--tune", type=click.Choice(["full", "bias", "lora", "adaptformer"]), default="full", show_default=True,
+              help="What trains. full: both towers (BALLAD); bias: image-tower biases and norm weights; lora: "
+                   "low-rank q/v updates in the image tower's attention; adaptformer: a bottleneck branch beside "
+                   "each image-tower MLP (LIFT). bias/lora/adaptformer freeze the text tower; lora and adaptformer "
+                   "need a ViT image tower.")
+@click.option("--lora-rank", default=8, show_default=True, help="Rank r of --tune lora (scaling 1/r, as LIFT).")
+@click.option("--adapter-width", type=int,
+              help="Bottleneck width of --tune adaptformer (default: LIFT's 2^max(0, ⌊log2(K / 2L)⌋), "
+                   "K classes, L blocks).")
+@click.option("--classifier", type=click.Choice(["text", "head"]), default="text", show_default=True,
+              help="text: the text tower's embeddings of the class prompts, every step (BALLAD); head: a cosine "
+                   "classifier initialised from them and trained, the text tower frozen and not run (LIFT).")
+@click.option("--loss", type=click.Choice(LOSSES), default="ce", show_default=True,
+              help="ce: cross-entropy (BALLAD); logit-adjusted: cross-entropy of the logits + τ·log(train class "
+                   "prior), in training only (LIFT).")
+@click.option("--la-tau", default=1.0, show_default=True, help="τ of --loss logit-adjusted, ≥ 0.")
 @click.option("--workers", type=int, default=default_workers, show_default="4, at most the usable cores",
               help="DataLoader workers per process.")
 @click.option("--shuffle-buffer", default=2000, show_default=True, help="Samples in the shuffle buffer per worker.")
@@ -51,7 +68,8 @@ from stages.phase_a_data import default_workers
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt (or start one).")
 @click.option("--device", help="cpu, cuda, cuda:1 (default: CUDA when present); torchrun picks the GPU per rank.")
 def phase_a(**options):
-    """Phase A: train both CLIP encoders on all K class prompts with cross-entropy."""
+    """Phase A: train both CLIP encoders on all K class prompts with cross-entropy (BALLAD), or LIFT's
+    lightweight variant (--tune, --classifier head, --loss logit-adjusted)."""
     from stages.phase_a import PhaseAConfig, run_phase_a
 
     final = run_phase_a(PhaseAConfig(**options))

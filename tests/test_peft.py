@@ -1,0 +1,333 @@
+"""LIFT's lightweight Phase A (issue 14): --tune full|bias|lora|adaptformer, --classifier text|head,
+--loss logit-adjusted; their checkpoints through the factory and extract; resume for every variant."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_phase_a import cli, cli_env, read_log, small_data  # noqa: F401  (small_data is a fixture)
+
+import stages.phase_a as pa
+from pipeline.errors import UserError
+from pipeline.models import create_model
+from pipeline.peft import HEAD_KEY, AdaptFormerBlock, add_tuning, export_state_dict, lift_width, mark_trainable
+from pipeline.prior import log_prior
+from pipeline.runtime import seed_everything
+from pipeline.text import tokenize_trimmed
+from stages.phase_a import PhaseAConfig, Towers, class_logits, param_digest, run_phase_a, text_head, train_step
+
+VIT = dict(model="ballad-tiny-vit", optimizer="adamw", lr=1e-3, weight_decay=0.05, workers=0, shuffle_buffer=50)
+CLASSES = ("red circle", "blue square", "green triangle")
+
+
+def tiny_vit(tune: str = "full", *, classifier: str = "text", seed: int = 0, **kw):
+    """ballad-tiny-vit (seed-0 init) with ``tune``'s modules and trainable set, behind Towers, plus prompt tokens."""
+    seed_everything(seed)
+    bb = create_model("ballad-tiny-vit")
+    tokens = tokenize_trimmed(bb.tokenizer, [f"a photo of a {c}." for c in CLASSES])
+    add_tuning(bb.model, tune, num_classes=len(CLASSES), **kw)
+    mark_trainable(bb.model, tune, train_text=tune == "full" and classifier == "text")
+    head = text_head(bb.model, tokens) if classifier == "head" else None
+    return bb, Towers(bb.model, head=head), tokens
+
+
+def images(n: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, len(CLASSES), (n,), generator=g)
+
+
+def encode(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model.encode_image(x)
+
+
+def test_lift_width_rule():
+    # LIFT's published widths for ViT-B/16 (12 blocks), and the demo's 30 classes on ballad-tiny-vit (6 blocks)
+    assert [lift_width(k, 12) for k in (1000, 365, 100)] == [32, 8, 4]
+    assert lift_width(30, 6) == 2 and lift_width(5, 12) == 1
+
+
+@pytest.mark.parametrize("tune", ["lora", "adaptformer"])
+def test_zero_initialised_modules_leave_the_outputs_unchanged(tune, single_thread):
+    x, _ = images()
+    seed_everything(0)
+    model = create_model("ballad-tiny-vit").model
+    before = encode(model, x)
+    add_tuning(model, tune, num_classes=30)
+    added = [n for n, _ in model.named_parameters() if "adaptformer" in n or "parametrizations" in n]
+    assert added  # the modules are there, and are zero at initialisation
+    assert torch.allclose(encode(model, x), before, atol=1e-5, rtol=0)
+
+
+def expected_trainable(tune: str, classifier: str, names: list[str]) -> set[str]:
+    """The parameter names each variant should train, written out from the rules in pipeline/peft.py."""
+    image = {n for n in names if n.startswith("visual.")}
+    norms = (".ln_pre.", ".ln_post.", ".ln_1.", ".ln_2.")
+    rules = {
+        "full": image if classifier == "head" else set(names) - {"logit_scale"},
+        "bias": {n for n in image if n.endswith("bias")
+                 or (n.endswith(".weight") and any(s in f".{n}" for s in norms))},
+        "lora": {n for n in image if ".parametrizations.in_proj_weight.0." in n},
+        "adaptformer": {n for n in image if ".adaptformer." in n},
+    }
+    return rules[tune]
+
+
+@pytest.mark.parametrize("tune", ["full", "bias", "lora", "adaptformer"])
+@pytest.mark.parametrize("classifier", ["text", "head"])
+def test_only_the_intended_parameters_receive_gradients(tune, classifier, single_thread):
+    bb, towers, tokens = tiny_vit(tune, classifier=classifier)
+    x, y = images()
+    train_step(towers, tokens, [(x[:2], y[:2]), (x[2:], y[2:])], 14.3)  # with accumulation: the head's own trick
+    names = [n for n, _ in bb.model.named_parameters()]
+    got = {n for n, p in bb.model.named_parameters() if p.grad is not None}
+    assert got == {n for n, p in bb.model.named_parameters() if p.requires_grad}
+    assert got == expected_trainable(tune, classifier, names)
+    assert (towers.head is not None and towers.head.grad is not None) == (classifier == "head")
+    grads = dict(bb.model.named_parameters())
+    if tune == "lora":  # B starts at 0, so A's first gradient is 0 and B's is not
+        assert all(grads[n].grad.abs().sum() > 0 for n in got if n.endswith(("b_q", "b_v")))
+    if tune == "adaptformer":  # the up-projection starts at 0 and learns first
+        assert all(grads[n].grad.abs().sum() > 0 for n in got if n.endswith("adaptformer.up.weight"))
+    if tune != "full":  # the text tower is frozen and the logit scale is never trained
+        assert not any(n.startswith(("transformer.", "token_embedding", "ln_final")) for n in got)
+
+
+def test_bias_on_a_resnet_tower_trains_batchnorm_affine_and_biases():
+    seed_everything(0)
+    model = create_model("ballad-tiny").model
+    mark_trainable(model, "bias", train_text=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "visual.bn1.weight" in trained and "visual.bn1.bias" in trained and "visual.attnpool.q_proj.bias" in trained
+    assert "visual.conv1.weight" not in trained and "visual.attnpool.q_proj.weight" not in trained
+    assert all(n.startswith("visual.") for n in trained)
+
+
+def test_lora_merged_checkpoint_gives_the_unmerged_outputs(tmp_path, single_thread):
+    bb, _, _ = tiny_vit("lora", lora_rank=4)
+    with torch.no_grad():  # as after training: B away from its zero start
+        for name, p in bb.model.named_parameters():
+            if name.endswith(("b_q", "b_v")):
+                p.normal_(0, 0.5)
+    x, _ = images()
+    unmerged = encode(bb.model, x)
+    exported = export_state_dict(bb.model.state_dict())
+    assert not any("parametrizations" in k for k in exported)
+    assert set(exported) == set(create_model("ballad-tiny-vit").model.state_dict())  # a plain open_clip state dict
+    torch.save(exported, tmp_path / "final.pt")
+    merged = create_model("ballad-tiny-vit", pretrained=str(tmp_path / "final.pt")).model
+    assert torch.allclose(encode(merged, x), unmerged, atol=1e-5, rtol=0)
+    assert not torch.allclose(unmerged, encode(create_model("ballad-tiny-vit").model, x), atol=1e-3)
+
+
+def test_factory_rebuilds_adaptformer_from_the_checkpoint(tmp_path, single_thread):
+    bb, _, _ = tiny_vit("adaptformer", adapter_width=4)
+    with torch.no_grad():
+        for name, p in bb.model.named_parameters():
+            if name.endswith("adaptformer.up.weight"):
+                p.normal_(0, 0.5)
+    x, _ = images()
+    torch.save(export_state_dict(bb.model.state_dict()), tmp_path / "final.pt")
+    rebuilt = create_model("ballad-tiny-vit", pretrained=str(tmp_path / "final.pt")).model
+    blocks = rebuilt.visual.transformer.resblocks
+    assert all(isinstance(b, AdaptFormerBlock) and b.adaptformer.down.out_features == 4 for b in blocks)
+    assert torch.allclose(encode(rebuilt, x), encode(bb.model, x), atol=1e-6, rtol=0)
+
+
+def test_log_prior_and_the_logit_adjusted_loss_is_cross_entropy_of_shifted_logits(single_thread):
+    counts = [50, 10, 0]
+    assert log_prior(counts).tolist() == pytest.approx(np.log(np.array([50, 10, 1]) / 61).tolist(), abs=1e-6)
+    _, towers, tokens = tiny_vit("full")
+    x, y = images()
+    bias = 1.5 * log_prior(counts)
+    with torch.no_grad():
+        image, text = towers(x, tokens)
+        expected = F.cross_entropy(class_logits(image, text, 14.3) + 1.5 * torch.log(torch.tensor([50, 10, 1]) / 61), y)
+    for split in ([6], [2, 4]):
+        towers.zero_grad(set_to_none=True)
+        loss = train_step(towers, tokens, list(zip(x.split(split), y.split(split))), 14.3, bias)
+        assert loss == pytest.approx(expected.item(), abs=1e-5)
+    towers.zero_grad(set_to_none=True)
+    assert train_step(towers, tokens, [(x, y)], 14.3) != pytest.approx(expected.item(), abs=1e-3)  # ce differs
+
+
+def test_head_initialised_from_text_gives_the_zero_shot_logits(single_thread):
+    bb, towers, tokens = tiny_vit("bias", classifier="head")
+    x, _ = images()
+    towers.eval()
+    with torch.no_grad():
+        image, weights = towers(x, tokens)
+        zero_shot = class_logits(image, towers.text(tokens), 14.3)
+        assert weights is towers.head and torch.allclose(towers.head.norm(dim=1), torch.ones(len(CLASSES)))
+        assert torch.allclose(class_logits(image, weights, 14.3), zero_shot, atol=1e-5)
+
+
+# -- stage-level: refusals, options, checkpoints, extract, resume -----------------------------------------
+
+def config(data, out, **kw) -> PhaseAConfig:
+    """3 steps per epoch (⌊117 / 32⌋) of ballad-tiny-vit on the small dataset."""
+    return PhaseAConfig(data=str(data), out=str(out), **{**VIT, "batch_size": 32, "epochs": 2, **kw})
+
+
+@pytest.mark.parametrize("tune", ["lora", "adaptformer"])
+def test_resnet_towers_refuse_transformer_tunes_in_one_line(small_data, tmp_path, tune):  # noqa: F811
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    message = (f"--tune {tune}: needs transformer blocks in the image tower, and the model has a ResNet image "
+               "tower; use --tune full or --tune bias")
+    with pytest.raises(UserError) as e:
+        run_phase_a(config(small_data, tmp_path / "out", model="ballad-tiny", tune=tune))
+    assert str(e.value) == message and not (tmp_path / "out").exists()
+    result = CliRunner().invoke(main, ["phase-a", "--data", str(small_data), "--model", "RN50", "--tune", tune,
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and result.output == f"Error: {message}\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lora-rank", "0"], "--lora-rank 0: must be at least 1"),
+    (["--adapter-width", "0"], "--adapter-width 0: must be at least 1"),
+    (["--la-tau", "-1"], "--la-tau -1.0: must be 0 or more and finite"),
+    (["--la-tau", "nan"], "--la-tau nan: must be 0 or more and finite"),
+])
+def test_new_options_are_checked_before_work_starts(small_data, tmp_path, args, message):  # noqa: F811
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["phase-a", "--data", str(small_data), "--model", "ballad-tiny-vit",
+                                       "--out", str(out), *args])
+    assert result.output == f"Error: {message}\n" and not out.exists()
+    for key in ("tune", "classifier", "loss"):
+        with pytest.raises(UserError, match=f"^--{key} bogus: choose one of "):
+            run_phase_a(config(small_data, out, **{key: "bogus"}))
+
+
+def test_cli_choices_and_defaults_are_the_stages(monkeypatch):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.cli.phase_a import phase_a
+    from pipeline.peft import TUNES
+
+    params = {p.name: p for p in phase_a.params}
+    assert tuple(params["tune"].type.choices) == TUNES and tuple(params["classifier"].type.choices) == pa.CLASSIFIERS
+    assert tuple(params["loss"].type.choices) == pa.LOSSES
+    seen = []
+    monkeypatch.setattr(pa, "run_phase_a", lambda cfg: seen.append(cfg) or "final.pt")
+    result = CliRunner().invoke(main, ["phase-a", "--data", "d", "--model", "m"])
+    assert result.exit_code == 0, result.output
+    assert seen == [PhaseAConfig(data="d", model="m")]  # every CLI default is the stage's
+
+
+def test_head_run_writes_the_head_into_final_pt_and_extract_stores_it(small_data, tmp_path,  # noqa: F811
+                                                                     single_thread):
+    import zarr
+
+    from stages.extract import extract
+
+    out = tmp_path / "run"
+    final = run_phase_a(config(small_data, out, epochs=1, schedule="standard", tune="adaptformer", classifier="head",
+                               loss="logit-adjusted", select="last"))
+    meta = json.loads(final.with_suffix(".json").read_text())
+    assert meta["classifier"] == "head" and meta["head_key"] == HEAD_KEY and meta["loss"] == "logit-adjusted"
+    assert meta["tuning"] == {"tune": "adaptformer", "adapter_width": 2, "adapter_width_rule": True, "blocks": 6,
+                              "trainable_params": meta["tuning"]["trainable_params"]}
+    saved = torch.load(final, weights_only=True)
+    head = saved[HEAD_KEY]
+    last = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert torch.equal(head, last[HEAD_KEY])
+    bb = create_model("ballad-tiny-vit", pretrained=str(final))
+    assert torch.equal(bb.head, head)
+    with pytest.raises(UserError, match="classifier head has 30 classes, the dataset 10"):
+        bb.class_head(10)
+
+    store = tmp_path / "store.zarr"
+    extract(str(final), small_data, store, splits=["test"], batch_size=64, workers=0)
+    root = zarr.open_group(str(store), mode="r")
+    assert root.attrs["classifier"] == "head"
+    assert np.allclose(root["text/embeddings"][:], F.normalize(head.float(), dim=-1).numpy(), atol=1e-6)
+    # the stored features are the adaptformer model's (rebuilt by the factory from final.pt)
+    feats = root["test/image"][:]
+    assert feats.shape[1] == bb.embed_dim and np.isfinite(feats).all()
+    # the same seed-0 initialisation without Phase A: the prompts' text embeddings, which the head started from
+    extract("none", small_data, tmp_path / "zs.zarr", model="ballad-tiny-vit", splits=["test"], batch_size=64,
+            workers=0)
+    zero_shot = zarr.open_group(str(tmp_path / "zs.zarr"), mode="r")
+    assert zero_shot.attrs["classifier"] == "text"
+    assert not np.allclose(zero_shot["text/embeddings"][:], root["text/embeddings"][:], atol=1e-3)  # it trained
+
+
+VARIANTS = [("full", "text", "ce"), ("bias", "head", "logit-adjusted"), ("lora", "head", "ce"),
+            ("adaptformer", "text", "logit-adjusted")]
+
+
+@pytest.mark.parametrize("tune, classifier, loss", VARIANTS)
+def test_every_variant_resumes_to_the_uninterrupted_run(small_data, tmp_path, monkeypatch, single_thread,  # noqa: F811
+                                                        tune, classifier, loss):
+    cfg = config(small_data, tmp_path / "whole", save_every=2, select="last", tune=tune, classifier=classifier,
+                 loss=loss, lora_rank=4)
+    whole = run_phase_a(cfg)
+
+    save = pa._Run._save_last
+
+    def killed_after_step_4(run):  # mid epoch 2: last.pt holds step 4, as after a kill
+        save(run)
+        if run.step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pa._Run, "_save_last", killed_after_step_4)
+    cut = dataclasses.replace(cfg, out=str(tmp_path / "cut"))
+    with pytest.raises(KeyboardInterrupt):
+        run_phase_a(cut)
+    assert not (tmp_path / "cut" / "final.pt").exists()
+    monkeypatch.setattr(pa._Run, "_save_last", save)
+    resumed = run_phase_a(dataclasses.replace(cut, resume=True))
+
+    assert param_digest(torch.load(resumed, weights_only=True)) == param_digest(torch.load(whole, weights_only=True))
+    assert [r["loss"] for r in read_log(tmp_path / "cut")] == [r["loss"] for r in read_log(tmp_path / "whole")]
+    meta = json.loads(resumed.with_suffix(".json").read_text())
+    assert meta["tuning"]["tune"] == tune and meta["classifier"] == classifier and meta["loss"] == loss
+    assert {k: meta["config"][k] for k in ("tune", "lora_rank", "adapter_width", "classifier", "loss", "la_tau")} == {
+        "tune": tune, "lora_rank": 4, "adapter_width": None, "classifier": classifier, "loss": loss, "la_tau": 1.0}
+    assert (HEAD_KEY in torch.load(resumed, weights_only=True)) == (classifier == "head")
+
+
+@pytest.mark.slow
+def test_adaptformer_head_resumes_after_sigkill(small_data, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    args = ["--data", str(small_data), "--model", "ballad-tiny-vit", "--out", str(out), "--epochs", "1",
+            "--batch-size", "16", "--save-every", "2", "--optimizer", "adamw", "--lr", "1e-3", "--workers", "0",
+            "--shuffle-buffer", "50", "--tune", "adaptformer", "--classifier", "head", "--loss", "logit-adjusted"]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cli(*args), env=cli_env(), stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 120
+            while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-2000:]
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert 2 <= saved["step"] < 7 and HEAD_KEY in saved["model"]
+    resumed = subprocess.run(cli(*args, "--resume"), env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {saved['step']} of 7" in resumed.stderr
+    assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(1, 8))
+    meta = json.loads((out / "final.json").read_text())
+    assert meta["tuning"]["tune"] == "adaptformer" and meta["classifier"] == "head" and math.isclose(
+        meta["config"]["la_tau"], 1.0)
