@@ -5,7 +5,8 @@ Metrics, all in percent:
 - ``many`` / ``medium`` / ``few``: BALLAD's (OLTR's) ``shot_acc``: per-class accuracy first, then the
   mean over the classes whose train count is > ``many`` (many), < ``few`` (few) or in between
   (medium). Only classes with samples in the split count; a group without one is ``null`` in
-  metrics.json (the official code returns NaN there).
+  metrics.json, where the official code reports 0 (it appends a 0 to an empty group), which would
+  read as a measured accuracy.
 - ``ece``: expected calibration error of the max softmax probability over 15 equal-width bins
   (Guo et al. 2017), Σ_b |B_b|/N · |acc(B_b) − conf(B_b)|.
 
@@ -27,6 +28,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.runtime import atomic_path, pick_device, write_json
+from pipeline.prior import log_prior
 from stages.adapter import Adapter, embed_all, load_adapter
 from stages.knn import KnnConfig, knn_logits
 
@@ -88,11 +90,6 @@ def view_logits(model: Adapter, views: torch.Tensor, text: torch.Tensor) -> torc
     for view in views[1:]:
         total += class_logits(model, embed_all(model, view), text)
     return total / len(views)
-
-
-def log_prior(train_counts: np.ndarray) -> torch.Tensor:
-    counts = np.maximum(train_counts, 1).astype(np.float64)
-    return torch.from_numpy(np.log(counts / counts.sum())).float()
 
 
 def evaluate(features: str | Path, out: str | Path, adapter: str | None = None, split: str = "test",
