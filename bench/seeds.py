@@ -3,7 +3,7 @@
     python -m bench.seeds --seeds 0 1 2
     python -m bench.seeds --seeds 0 1 2 --grid extract.train_views=0,4,16 --grid evaluate.tta=none,mean
 
-Each seed runs in its own copy of the project (tracked and untracked files, no outputs) made into a
+Each seed runs in its own copy of the project (tracked and untracked files, or ``--ref``'s) made into a
 git repository, so ``dvc repro`` there is the README's pipeline, unchanged. The seed goes into every
 key of ``--seed-keys`` that params.yaml has; a grid's settings run one after the other in the same copy,
 so DVC re-runs only the stages a setting touches (Phase A once per seed for an adapter or view grid).
@@ -38,10 +38,16 @@ def project_files() -> list[str]:
     return [f for f in out.splitlines() if (ROOT / f).is_file() and not f.startswith(("bench/results/", "dvc.lock"))]
 
 
-def make_copy(dest: Path) -> None:
-    for f in project_files():
-        (dest / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, dest / f)
+def make_copy(dest: Path, ref: str | None = None) -> None:
+    """The working tree's files (tracked and untracked), or the commit ``ref``'s, into ``dest``."""
+    if ref:
+        archive = subprocess.run(["git", "archive", ref], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        (dest / "dvc.lock").unlink(missing_ok=True)
+    else:
+        for f in project_files():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
@@ -74,6 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed-keys", default="phase_a.seed,adapter.seed,extract.view_seed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a fixed params.yaml change")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="settings to run in turn")
+    parser.add_argument("--ref", help="copy this commit (e.g. HEAD) instead of the working tree")
     parser.add_argument("--keep", help="keep the copies under this folder (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     fixed = dict(s.split("=", 1) for s in args.set)
@@ -86,7 +93,7 @@ def main(argv=None) -> int:
         work = base / f"seed-{seed}"
         if not work.exists():
             work.mkdir(parents=True)
-            make_copy(work)
+            make_copy(work, args.ref)
         params = yaml.safe_load((work / "params.yaml").read_text())
         seed_set = {k: str(seed) for k in args.seed_keys.split(",") if has_key(params, k)}
         for setting in settings:
