@@ -1,5 +1,6 @@
-"""The DVC pipeline end to end on a very small demo: every declared metric appears, and changing only
-adapter.lambda re-runs only the adapter and the stages downstream of it."""
+"""The DVC pipeline end to end on a very small demo: every declared metric appears, changing only
+adapter.lambda re-runs only the adapter and the stages downstream of it, and `dvc exp show` compares
+experiments' metrics (the small metrics files are tracked by git, as DVC intends)."""
 from __future__ import annotations
 
 import json
@@ -15,9 +16,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {
     "data": {"args": "--imbalance 20 --max-count 40 --test-per-class 3 --val-per-class 1 --seed 0 --shard-size 100"},
-    "phase_a": {"epochs": 1, "batch_size": 32, "micro_batch": 32, "workers": 0},
-    "extract": {"workers": 0},
-    "adapter": {"epochs": 2, "batch_size": 64},
+    "phase_a": {"epochs": 1, "batch-size": 32, "micro-batch": 32, "workers": 0},
+    "extract": {"workers": 0, "test-views": "flip"},
+    "views": {"train-views": 2},
+    "adapter": {"train": {"epochs": 2, "batch-size": 64}},
     "sweep": {"lambdas": "0,0.5"},
 }
 
@@ -29,10 +31,17 @@ def _dvc(cwd: Path, *args: str) -> str:
     return proc.stdout
 
 
+def _merge(params: dict, overrides: dict) -> None:
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            _merge(params[key], value)
+        else:
+            params[key] = value
+
+
 def _set_params(repo: Path, overrides: dict) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
+    _merge(params, overrides)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -49,8 +58,9 @@ def test_dvc_repro_runs_every_stage_and_lambda_reruns_only_phase_b(tmp_path):
     _set_params(repo, SMALL)
 
     _dvc(repo, "repro")
-    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
-    metrics = [next(iter(m)) for s in dvc_yaml["stages"].values() for m in s.get("metrics", [])]
+    from test_dvc_yaml import stages
+
+    metrics = [next(iter(m)) for s in stages().values() for m in s.get("metrics", [])]
     assert {"reports/ballad/metrics.json", "reports/phase_a/metrics.json", "reports/zero_shot/metrics.json"} <= set(metrics)
     for m in metrics:
         values = json.loads((repo / m).read_text())
@@ -62,5 +72,24 @@ def test_dvc_repro_runs_every_stage_and_lambda_reruns_only_phase_b(tmp_path):
     assert set(status) == {"adapter"}, status  # the only stage whose own inputs changed
     out = _dvc(repo, "repro")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"adapter", "evaluate"}, out
+    assert ran == {"adapter", "evaluate@ballad"}, out
     assert json.loads(_dvc(repo, "status", "--json")) == {}
+
+    # Two experiments: each carries its own metrics, and `dvc exp show` lists them beside the baseline.
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
+    for lam in (0.0, 1.0):
+        _dvc(repo, "exp", "run", "-S", f"adapter.lambda={lam}", "--name", f"lam{lam:g}")
+    rows = json.loads(_dvc(repo, "exp", "show", "--json"))
+    found = {}
+    for commit in rows:
+        for exp in [commit, *(commit.get("experiments") or [])]:
+            for rev in exp.get("revs", [exp]):
+                data = (rev.get("data") or {})
+                name = rev.get("name") or data.get("name") or data.get("rev")
+                metrics_data = data.get("metrics", {}).get("reports/ballad/metrics.json", {}).get("data")
+                if name and metrics_data:
+                    found[name] = metrics_data["top1"]
+    assert {"lam0", "lam1"} <= set(found), rows
+    assert all(isinstance(v, float) for v in found.values())
