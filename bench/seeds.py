@@ -88,6 +88,10 @@ def main(argv=None) -> int:
     settings = [dict(zip([k for k, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])]
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ballad-seeds-"))
     env = {**os.environ, "BALLAD_PROGRESS": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    from bench.common import machine
+
+    out = ROOT / "bench" / "results" / f"seeds-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in args.seeds:
         work = base / f"seed-{seed}"
@@ -110,6 +114,7 @@ def main(argv=None) -> int:
             label = " ".join(f"{k}={v}" for k, v in setting.items()) or "params.yaml"
             print(f"seed {seed} {label}: " + "  ".join(f"{r} {m['top1']:.1f}" for r, m in metrics.items())
                   + f"  ({runs[-1]['repro_s']:.0f} s)", flush=True)
+            out.write_text(json.dumps({"machine": machine(), "fixed": fixed, "runs": runs}, indent=1))  # so far
     print(f"\n| setting | model | {' | '.join(COLUMNS)} |\n|---|---|" + "---|" * len(COLUMNS))
     for setting in settings:
         label = " ".join(f"{k}={v}" for k, v in setting.items()) or "params.yaml"
@@ -123,11 +128,6 @@ def main(argv=None) -> int:
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 cells.append(f"{statistics.mean(vals):.1f} ± {sd:.1f}" if vals else "–")
             print(f"| {label} | {report} | " + " | ".join(cells) + " |")
-    out = ROOT / "bench" / "results" / f"seeds-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from bench.common import machine
-
-    out.write_text(json.dumps({"machine": machine(), "fixed": fixed, "runs": runs}, indent=1))
     print(f"→ {out}")
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
