@@ -146,8 +146,6 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", *, colo
 
     open_clip = _open_clip()
     check_model_name(name)
-    if pretrained in ("", "none", "None"):
-        pretrained = None
     if pretrained is not None and _looks_like_path(pretrained) and not os.path.exists(pretrained):
         raise UserError(f"--pretrained {pretrained}: no such checkpoint file")
     if pretrained is not None and not os.path.exists(pretrained):

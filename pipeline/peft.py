@@ -39,10 +39,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pipeline.errors import UserError
+from pipeline.tuning import LORA_RANK, TRANSFORMER_TUNES, TUNES  # noqa: F401  (defined torch-free there)
 
-TUNES = ("full", "bias", "lora", "adaptformer")
-TRANSFORMER_TUNES = ("lora", "adaptformer")
-LORA_RANK = 8
 HEAD_KEY = "classifier_head.weight"  # Phase A --classifier head: the trained class weights [K, D] in final.pt
 _LORA_KEY = ".parametrizations.in_proj_weight."
 

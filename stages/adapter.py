@@ -357,8 +357,8 @@ def train_adapter(features: str | Path, out: str | Path, cfg: TrainConfig = Trai
 
 
 def load_adapter(path: str | Path | None, store, features: str | Path) -> Adapter:
-    """The saved adapter, checked against ``store``; ``None`` or ``'none'`` gives the identity."""
-    if path is None or str(path) == "none":
+    """The saved adapter, checked against ``store``; ``None`` gives the identity."""
+    if path is None:
         return Adapter(store.embed_dim, store.logit_scale, position=None)
     path = Path(path)
     if not path.is_file():

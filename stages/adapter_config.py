@@ -1,16 +1,17 @@
 """Phase B's options: ``TrainConfig``, the one source of their defaults, choices, help and checks.
 
 Kept free of torch so that the command line builds its options from it without importing torch
-(``ballad-pipe --help`` stays fast). Each field's metadata names its command-line flag, so the CLI, the
-checks' error messages and the adapter file's config all use the same names. The defaults are the
-authors' code; every departure is a choice here.
+(``ballad-pipe --help`` stays fast). Each field's metadata (pipeline/options.py) names its command-line
+flag, so the CLI, the checks' error messages and the adapter file's config all use the same names. The
+defaults are the authors' code; every departure is a choice here.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline.errors import UserError
+from pipeline.options import option
 from pipeline.schedule import SCHEDULES
 
 SAMPLERS = ("class-aware", "class-balanced", "sqrt", "instance", "progressive")
@@ -21,39 +22,35 @@ LOSSES = ("ce", "logit-adjusted")
 VIEWS = ("auto", "all", "none")
 
 
-def _option(default, flag: str, help: str, choices: tuple[str, ...] | None = None):
-    return field(default=default, metadata={"flag": flag, "help": help, "choices": choices})
-
-
 @dataclass(frozen=True)
 class TrainConfig:
-    lam: float = _option(0.2, "--lambda", "Residual factor λ in [0, 1]: f* = λ·A(f) + (1 − λ)·f.")
-    epochs: int = _option(10, "--epochs", "Training epochs.")
-    lr: float = _option(0.2, "--lr", "SGD learning rate, annealed per epoch along a cosine to 0 (--schedule).")
-    batch_size: int = _option(512, "--batch-size", "Samples per step; an epoch is ⌊N / batch⌋ steps.")
-    sampler: str = _option("class-aware", "--sampler",
-                           "Phase B sampling (paper Table 8); class-aware: the authors' ClassAwareSampler.", SAMPLERS)
-    form: str = _option("linear", "--form", "linear: W f (the authors' code); relu: ReLU(Wᵀf + b) (paper Eq. 5).",
-                        FORMS)
-    position: str = _option("visual", "--position", "Which embeddings the adapter refines (paper Table 6).",
-                            POSITIONS)
-    seed: int = _option(0, "--seed", "Seed of the adapter's initialisation and of the sampler.")
-    momentum: float = _option(0.9, "--momentum", "SGD momentum, in [0, 1).")
-    weight_decay: float = _option(5e-4, "--weight-decay", "SGD weight decay, ≥ 0.")
-    schedule: str = _option("authors", "--schedule",
-                            "authors: the cosine stepped at the start of each epoch (first epoch below the full lr, "
-                            "last at 0); standard: stepped at the end (full lr first, never 0).", SCHEDULES)
-    select: str = _option("auto", "--select",
-                          "Which epoch's weights to keep. best-val: the best top-1 on the store's val split "
-                          "(the authors); last: the last epoch; auto: best-val when the store has a complete "
-                          "val split, else last.", SELECTS)
-    loss: str = _option("ce", "--loss", "ce: cross-entropy (the authors); logit-adjusted: cross-entropy of the "
-                                        "logits + τ·log(train class prior), in training only (LIFT).", LOSSES)
-    la_tau: float = _option(1.0, "--la-tau", "τ of --loss logit-adjusted, ≥ 0.")
-    views: str = _option("auto", "--views",
-                         "all: every draw takes a random one of the sample's augmented train views (`extract "
-                         "--train-views`), as the authors augment every draw; none: the eval-transform feature; "
-                         "auto: all when the store has views, else none.", VIEWS)
+    lam: float = option(0.2, "--lambda", "Residual factor λ in [0, 1]: f* = λ·A(f) + (1 − λ)·f.")
+    epochs: int = option(10, "--epochs", "Training epochs.")
+    lr: float = option(0.2, "--lr", "SGD learning rate, annealed per epoch along a cosine to 0 (--schedule).")
+    batch_size: int = option(512, "--batch-size", "Samples per step; an epoch is ⌊N / batch⌋ steps.")
+    sampler: str = option("class-aware", "--sampler",
+                          "Phase B sampling (paper Table 8); class-aware: the authors' ClassAwareSampler.", SAMPLERS)
+    form: str = option("linear", "--form", "linear: W f (the authors' code); relu: ReLU(Wᵀf + b) (paper Eq. 5).",
+                       FORMS)
+    position: str = option("visual", "--position", "Which embeddings the adapter refines (paper Table 6).",
+                           POSITIONS)
+    seed: int = option(0, "--seed", "Seed of the adapter's initialisation and of the sampler.")
+    momentum: float = option(0.9, "--momentum", "SGD momentum, in [0, 1).")
+    weight_decay: float = option(5e-4, "--weight-decay", "SGD weight decay, ≥ 0.")
+    schedule: str = option("authors", "--schedule",
+                           "authors: the cosine stepped at the start of each epoch (first epoch below the full lr, "
+                           "last at 0); standard: stepped at the end (full lr first, never 0).", SCHEDULES)
+    select: str = option("auto", "--select",
+                         "Which epoch's weights to keep. best-val: the best top-1 on the store's val split "
+                         "(the authors); last: the last epoch; auto: best-val when the store has a complete "
+                         "val split, else last.", SELECTS)
+    loss: str = option("ce", "--loss", "ce: cross-entropy (the authors); logit-adjusted: cross-entropy of the "
+                                       "logits + τ·log(train class prior), in training only (LIFT).", LOSSES)
+    la_tau: float = option(1.0, "--la-tau", "τ of --loss logit-adjusted, ≥ 0.")
+    views: str = option("auto", "--views",
+                        "all: every draw takes a random one of the sample's augmented train views (`extract "
+                        "--train-views`), as the authors augment every draw; none: the eval-transform feature; "
+                        "auto: all when the store has views, else none.", VIEWS)
 
     def check(self) -> None:
         """Every option in range, before any work starts: a one-line UserError naming the flag."""

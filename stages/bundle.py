@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
+from pipeline.options import none_to_null
 from pipeline.runtime import pick_device, sha256_file
 
 FORMAT = "ballad-bundle/1"
@@ -43,14 +44,15 @@ META_KEYS = ("model", "adapter", "classnames", "templates", "logit_scale", "feat
 
 # ---------------------------------------------------------------- export
 def export(ckpt, adapter, features, out) -> dict:
-    """Write the bundle ``out`` from a checkpoint, an adapter file (or ``none``) and their feature store."""
+    """Write the bundle ``out`` from a checkpoint, an adapter file (or None, also written ``"none"``: the
+    store as it is) and their feature store."""
     from safetensors.torch import save_file
 
     from pipeline.models import _open_clip, create_model
     from stages.adapter import load_adapter
     from store.features import FeatureStore
 
-    out = Path(out)
+    adapter, out = none_to_null(adapter), Path(out)
     if out.exists() and not (out / META_FILE).is_file():
         raise UserError(f"--out {out}: exists and is not a bundle; choose another --out")
     store = FeatureStore.open(features)
@@ -94,8 +96,8 @@ def export(ckpt, adapter, features, out) -> dict:
 
 
 def _adapter_record(adapter) -> dict | None:
-    """The adapter file's name, sha256 and training config (λ, form, position, …); None for `none`."""
-    if adapter is None or str(adapter) == "none":
+    """The adapter file's name, sha256 and training config (λ, form, position, …); None without one."""
+    if adapter is None:
         return None
     config = torch.load(adapter, map_location="cpu", weights_only=True)["config"]  # load_adapter checked the file
     return {"file": str(adapter), "sha256": sha256_file(adapter), "config": config}

@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.options import none_to_null
 from pipeline.text import ENSEMBLE_TEMPLATES
 from store.features import (FORMAT, TTA, VIEWS, ExtraViews, SplitWriter, create_store, make_fingerprint,
                             write_text)
@@ -38,12 +39,14 @@ MAX_TRAIN_VIEWS = 1024
 TEST_VIEWS = {"none": 0, "flip": 2, "five-crop": 5, "ten-crop": 10}  # mode -> views per image
 
 
-def extract(ckpt: str, data, out, *, model: str | None = None, pretrained: str | None = None,
+def extract(ckpt: str | None, data, out, *, model: str | None = None, pretrained: str | None = None,
             splits: list[str] | None = None, batch_size: int = 256, workers: int | None = None, dtype: str = "float16",
             templates: str = "single", strict: bool = False, overwrite: bool = False, device: str | None = None,
             train_views: int = 0, view_seed: int = 0, test_views: str = "none") -> dict:
     """Extract features of ``splits`` of the shards in ``data`` into the store ``out``; resumes.
 
+    ``ckpt`` None (or ``"none"``, as Python callers write it) extracts the model as the factory builds
+    it from ``model`` and ``pretrained``.
     The main process holds ``out``'s write lock (pipeline/locks.py) from before anything is written
     until the end, so a second extract on the same store stops with a one-line error and leaves the
     first one's store alone. Returns, per split, how many shards this process computed (0 when the
@@ -66,6 +69,7 @@ def extract(ckpt: str, data, out, *, model: str | None = None, pretrained: str |
         raise UserError(f"--view-seed {view_seed}: must be 0 or more")
     check_test_views(test_views, "--test-views")
     workers = default_workers() if workers is None else workers
+    ckpt, pretrained = none_to_null(ckpt), none_to_null(pretrained)
     dataset = load_dataset(data)
     splits = list(splits or dataset.splits)
     urls = {split: dataset.urls(split) for split in splits}  # names the missing split or shard
@@ -479,10 +483,10 @@ def text_embeddings(backbone, classnames, templates, dev, batch: int = 256):
     return emb.cpu().numpy(), prompts
 
 
-def resolve_checkpoint(ckpt: str, model: str | None, pretrained: str | None):
-    """(checkpoint path or None, model name, pretrained tag); checks --model against the checkpoint's final.json."""
-    pretrained = None if pretrained in ("none", "None", "") else pretrained
-    if ckpt in ("none", "None", ""):
+def resolve_checkpoint(ckpt: str | None, model: str | None, pretrained: str | None):
+    """(checkpoint path or None, model name, pretrained tag); checks --model against the checkpoint's final.json.
+    ``ckpt`` None: no checkpoint, the factory's weights."""
+    if ckpt is None:
         if model is None:
             raise UserError("--model is required with --ckpt none")
         return None, model, pretrained
@@ -500,7 +504,7 @@ def resolve_checkpoint(ckpt: str, model: str | None, pretrained: str | None):
             raise UserError(f"--model {model}: checkpoint {ckpt} is a {trained} (per {sidecar.name}); "
                             f"pass --model {trained}")
         model = model or trained
-        pretrained = pretrained or (None if info.get("pretrained") in ("none", "None", "") else info.get("pretrained"))
+        pretrained = pretrained or none_to_null(info.get("pretrained"))  # older final.json files hold "none"
     if model is None:
         raise UserError(f"--model is required: {ckpt} has no {sidecar.name} naming its architecture")
     return path, model, pretrained
@@ -544,7 +548,8 @@ def _versions() -> dict:
 def command(ckpt, data, out, model, pretrained, dtype, templates, train_views=0, view_seed=0,
             test_views="none") -> str:
     """The command (less --splits) that reproduces this store; readers name it for an unfinished split."""
-    args = ["ballad-pipe", "extract", "--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--model", model]
+    args = ["ballad-pipe", "extract", "--ckpt", "none" if ckpt is None else str(ckpt), "--data", str(data),
+            "--out", str(out), "--model", model]
     if pretrained:
         args += ["--pretrained", pretrained]
     args += ["--dtype", dtype, "--templates", templates]

@@ -1,5 +1,8 @@
 """Stage `phase-a`: finetune both CLIP encoders on the long-tailed train split (BALLAD Phase A).
 
+Its options are ``PhaseAConfig`` (stages/phase_a_config.py, torch-free, re-exported here): each field's
+flag, default, choices and help, and ``PhaseAConfig.check``.
+
 The method, with the authors' code's choices as the defaults (docs/fidelity.md lists every point):
 - Every step encodes all K class prompts (one template, "a photo of a {}.") with gradients. The
   prompts are tokenized once per run and cut to the longest prompt (pipeline/text.py), which is exact.
@@ -66,7 +69,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -75,63 +78,21 @@ import torch.nn.functional as F
 from pipeline.distributed import cleanup, device_for, init_distributed
 from pipeline.errors import UserError
 from pipeline.locks import exclusive_lock
-from pipeline.models import COLOR_JITTER, check_model_name, create_model, image_tower
-from pipeline.peft import (HEAD_KEY, LORA_RANK, TRANSFORMER_TUNES, TUNES, add_tuning, export_state_dict,
-                           mark_trainable, needs_blocks)
+from pipeline.models import check_model_name, create_model, image_tower
+from pipeline.peft import HEAD_KEY, TRANSFORMER_TUNES, add_tuning, export_state_dict, mark_trainable, needs_blocks
 from pipeline.prior import log_prior
 from pipeline.provenance import source_digest
 from pipeline.runtime import atomic_path, autocast, pick_device, progress, seed_everything, sha256_file, write_json
-from pipeline.schedule import SCHEDULES, epoch_lr
+from pipeline.schedule import epoch_lr
 from pipeline.text import class_prompts, encode_text, tokenize_trimmed
-from stages.adapter_config import LOSSES
-from stages.phase_a_data import BadSampleCounter, check_shards, default_workers, eval_batches, train_batches
+from stages.phase_a_config import (BATCHNORM_MODES, CLASSIFIERS, LOSSES, OPTIMIZERS, PRECISIONS,  # noqa: F401
+                                   SCHEDULES, SELECT_MODES, TUNES, PhaseAConfig)
+from stages.phase_a_data import BadSampleCounter, check_shards, eval_batches, train_batches
 from store.shards import DATASET_FILE, load_dataset
 
 log = logging.getLogger("ballad.phase_a")
 
 MANY, FEW = 100, 20  # shot groups: many > 100 train images, few < 20, medium in between
-OPTIMIZERS = ("sgd", "adamw")
-BATCHNORM_MODES = ("auto", "frozen", "train")
-SELECT_MODES = ("auto", "best-val", "last")
-PRECISIONS = ("fp32", "fp16-weights")
-CLASSIFIERS = ("text", "head")
-
-
-@dataclass
-class PhaseAConfig:
-    data: str
-    model: str
-    out: str = "checkpoints/phase_a"
-    pretrained: str | None = None
-    epochs: int = 50
-    optimizer: str = "sgd"
-    lr: float = 1e-5
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    batch_size: int = 512
-    micro_batch: int | None = None  # per process; None = the whole per-process batch at once
-    logit_scale: float | None = None  # None = the model's own, kept fixed
-    schedule: str = "authors"  # pipeline/schedule.py
-    batchnorm: str = "auto"  # auto: frozen from pretrained weights, train from a random init
-    color_jitter: float = COLOR_JITTER  # 0 = no colour jitter
-    select: str = "auto"  # auto: best-val when the dataset has a val split, else last
-    precision: str = "fp32"
-    tune: str = "full"  # pipeline/peft.py: full (BALLAD) | bias | lora | adaptformer (LIFT)
-    lora_rank: int = LORA_RANK
-    adapter_width: int | None = None  # None = LIFT's rule from the class and block counts
-    classifier: str = "text"  # text: the prompts' embeddings every step (BALLAD); head: a trained cosine head (LIFT)
-    loss: str = "ce"  # logit-adjusted: + la_tau · log(train prior) in training (LIFT)
-    la_tau: float = 1.0
-    seed: int = 0
-    workers: int = field(default_factory=default_workers)
-    shuffle_buffer: int = 2000
-    save_every: int = 200
-    eval_every: int = 0  # epochs; 0 = no test evaluation
-    eval_samples: int = 2000
-    grad_checkpointing: bool = False
-    strict: bool = False
-    resume: bool = False
-    device: str | None = None
 
 
 # What a resumed run must share with the run that wrote last.pt; the rest may change between attempts.
@@ -291,38 +252,6 @@ def _set_rng_state(state: dict, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def check_options(cfg: PhaseAConfig) -> None:
-    """Every option in range before any work starts: a one-line UserError naming the first one that is not."""
-    def refuse(name, why):
-        raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: {why}")
-
-    for name in ("epochs", "batch_size", "save_every", "eval_samples", "lora_rank"):
-        if getattr(cfg, name) < 1:
-            refuse(name, "must be at least 1")
-    for name in ("micro_batch", "adapter_width"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            refuse(name, "must be at least 1")
-    for name in ("workers", "shuffle_buffer", "eval_every"):
-        if getattr(cfg, name) < 0:
-            refuse(name, "must be 0 or more")
-    if not 0 <= cfg.seed < 2**32:
-        refuse("seed", "must be in [0, 2^32)")
-    for name, ok, why in (("lr", cfg.lr > 0, "must be above 0"),
-                          ("weight_decay", cfg.weight_decay >= 0, "must be 0 or more"),
-                          ("momentum", 0 <= cfg.momentum < 1, "must be in [0, 1)"),
-                          ("color_jitter", cfg.color_jitter >= 0, "must be 0 (off) or more"),
-                          ("logit_scale", cfg.logit_scale is None or cfg.logit_scale > 0, "must be above 0"),
-                          ("la_tau", cfg.la_tau >= 0, "must be 0 or more")):
-        value = getattr(cfg, name)
-        if not ok or (value is not None and not math.isfinite(value)):
-            refuse(name, f"{why} and finite")
-    for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("batchnorm", BATCHNORM_MODES),
-                          ("select", SELECT_MODES), ("precision", PRECISIONS), ("tune", TUNES),
-                          ("classifier", CLASSIFIERS), ("loss", LOSSES)):
-        if getattr(cfg, name) not in choices:
-            refuse(name, f"choose one of {', '.join(choices)}")
-
-
 def _check_world(cfg: PhaseAConfig, info, urls, world: int) -> None:
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size}: must divide evenly over the {world} processes")
@@ -403,7 +332,7 @@ def _loader_error(e: UserError) -> UserError:
 
 def run_phase_a(cfg: PhaseAConfig) -> Path:
     """Train, checkpoint and write OUT/final.pt + OUT/final.json; returns the path of final.pt."""
-    check_options(cfg)
+    cfg.check()
     check_model_name(cfg.model)
     if cfg.tune in TRANSFORMER_TUNES and (tower := image_tower(cfg.model)) != "transformer":
         raise needs_blocks(cfg.tune, tower)

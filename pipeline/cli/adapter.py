@@ -7,27 +7,21 @@ from dataclasses import fields
 
 import click
 
+from pipeline.cli.options import config_options, device
 from stages.adapter_config import TrainConfig
 
 features = click.option("--features", required=True, type=click.Path(), help="Feature store (`ballad-pipe extract`).")
-device = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
 def config_option(name: str):
     """The click option of the ``TrainConfig`` field ``name``, passed to the command under that name."""
-    field, meta = FIELDS[name], FIELDS[name].metadata
-    kind = click.Choice(meta["choices"]) if meta["choices"] else type(field.default)
-    return click.option(meta["flag"], name, default=field.default, show_default=True, type=kind, help=meta["help"])
+    return config_options(TrainConfig, [name])
 
 
-def train_options(command):
-    """The Phase B options `adapter` and `sweep` share: every ``TrainConfig`` field but λ."""
-    for name in reversed([n for n in FIELDS if n != "lam"]):
-        command = config_option(name)(command)
-    return command
+# The Phase B options `adapter` and `sweep` share: every ``TrainConfig`` field but λ.
+train_options = config_options(TrainConfig, [n for n in FIELDS if n != "lam"])
 
 
 @click.command()

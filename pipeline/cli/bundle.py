@@ -1,10 +1,13 @@
 """`ballad-pipe export` and `predict`: a self-contained bundle, and top-k classes of image files with it."""
 import click
 
+from pipeline.cli.options import TEXT_OR_NONE, device
+
 
 @click.command()
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="Checkpoint the store was extracted from (final.pt).")
-@click.option("--adapter", required=True, help="Adapter file (`ballad-pipe adapter`), or `none` for the store as it is.")
+@click.option("--adapter", required=True, type=TEXT_OR_NONE,
+              help="Adapter file (`ballad-pipe adapter`), or `none` for the store as it is.")
 @click.option("--features", required=True, type=click.Path(), help="The feature store the adapter was trained on.")
 @click.option("--out", required=True, type=click.Path(), help="Bundle directory, e.g. models/NAME.bundle (replaced if it is one).")
 def export(ckpt, adapter, features, out):
@@ -22,7 +25,7 @@ def export(ckpt, adapter, features, out):
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@device
 @click.option("--classes", type=click.Path(dir_okay=False),
               help="File of class names, one per line, to predict among instead of the bundle's.")
 @click.option("--add-classes", type=click.Path(dir_okay=False),

@@ -1,9 +1,10 @@
 """`ballad-pipe evaluate`, `sweep` and `neighbors`: scoring from the feature store."""
 import click
 
-from pipeline.cli.adapter import device, features, train_options
+from pipeline.cli.adapter import features, train_options
+from pipeline.cli.options import TEXT_OR_NONE, device
 
-adapter_opt = click.option("--adapter", default="none", show_default=True,
+adapter_opt = click.option("--adapter", default="none", show_default=True, type=TEXT_OR_NONE,
                            help="Adapter file, or `none` to score the store itself (zero-shot / Phase A).")
 split_opt = click.option("--split", default="test", show_default=True)
 

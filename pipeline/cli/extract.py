@@ -1,22 +1,28 @@
 """`ballad-pipe extract`: a frozen CLIP → the zarr feature store (see docs/feature-store.md)."""
 import click
 
+from pipeline.cli.options import INT_OR_NONE, TEXT_OR_NONE, device
+
 
 @click.command()
-@click.option("--ckpt", required=True, help="Phase A checkpoint (final.pt), or `none` for the model as the factory builds it.")
+@click.option("--ckpt", required=True, type=TEXT_OR_NONE,
+              help="Phase A checkpoint (final.pt), or `none` for the model as the factory builds it.")
 @click.option("--data", required=True, type=click.Path(), help="Shard directory written by `prepare`.")
 @click.option("--out", required=True, type=click.Path(), help="The store, e.g. features/NAME.zarr.")
-@click.option("--model", help="open_clip architecture; default: the one in the checkpoint's final.json.")
-@click.option("--pretrained", help="open_clip weight tag (with --ckpt none), recorded as provenance otherwise.")
+@click.option("--model", type=TEXT_OR_NONE,
+              help="open_clip architecture; default: the one in the checkpoint's final.json.")
+@click.option("--pretrained", type=TEXT_OR_NONE,
+              help="open_clip weight tag (with --ckpt none), recorded as provenance otherwise.")
 @click.option("--splits", help="Comma-separated splits; default: all of the dataset's.")
 @click.option("--batch-size", default=256, show_default=True)
-@click.option("--workers", type=int, help="DataLoader processes decoding shards, per rank "
-                                         "(default: the free cores, at most 8; 0 decodes in the main process).")
+@click.option("--workers", type=INT_OR_NONE,
+              help="DataLoader processes decoding shards, per rank (default: the free cores, at most 8; 0 decodes "
+                   "in the main process).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of image features.")
 @click.option("--templates", default="single", show_default=True,
               help="`single` (the dataset's template), `ensemble` (CLIP's 7) or a file with one per line.")
-@click.option("--device", help="cpu, cuda, cuda:1 (default: CUDA when present; torchrun: cuda:LOCAL_RANK).")
+@device
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with another model, checkpoint or dataset.")
 @click.option("--train-views", default=0, show_default=True,

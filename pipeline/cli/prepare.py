@@ -1,6 +1,8 @@
 """`ballad-pipe prepare {synthetic,list,folder,cifar100-lt,index}`: datasets → webdataset shards + dataset.json."""
 import click
 
+from pipeline.cli.options import FLOAT_OR_NONE
+
 shard_size = click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
 overwrite = click.option("--overwrite", is_flag=True, help="Replace a different dataset already in --out.")
 out = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
@@ -58,9 +60,9 @@ def list_(root, train_list, test_list, val_list, classes, name, seed, out, shard
 @prepare.command()
 @click.option("--root", required=True, type=click.Path(),
               help="ROOT/<class>/*.jpg, or ROOT/train/<class>/… + ROOT/test/<class>/… (+ ROOT/val/<class>/…).")
-@click.option("--val-fraction", type=float, help="Share of each class drawn for val when ROOT has no val/ folder "
+@click.option("--val-fraction", type=FLOAT_OR_NONE, help="Share of each class drawn for val when ROOT has no val/ folder "
                                                  "[default: 0].")
-@click.option("--test-fraction", type=float, help="Share of each class drawn for test when ROOT has no test/ folder "
+@click.option("--test-fraction", type=FLOAT_OR_NONE, help="Share of each class drawn for test when ROOT has no test/ folder "
                                                   "[default: 0.2].")
 @click.option("--seed", default=0, show_default=True, help="Seed of the per-class split and the train order.")
 @click.option("--classes", help="Class names file (one per line, in sorted-folder order) or `imagenet`; "

@@ -1,0 +1,119 @@
+"""Phase A's options: ``PhaseAConfig``, the one source of their defaults, choices, help and checks.
+
+Kept free of torch so that the command line builds ``ballad-pipe phase-a``'s options from it without
+importing torch (``--help`` stays fast). Each field's metadata names its command-line flag
+(pipeline/options.py), so the CLI and the checks' error messages use the same names. The defaults
+are the authors' code; stages/phase_a.py says where and why each choice departs from it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass
+
+from pipeline.errors import UserError
+from pipeline.models import COLOR_JITTER
+from pipeline.options import DEVICE, DEVICE_HELP, option
+from pipeline.schedule import SCHEDULES
+from pipeline.tuning import LORA_RANK, TUNES
+from stages.adapter_config import LOSSES
+from stages.phase_a_data import default_workers
+
+OPTIMIZERS = ("sgd", "adamw")
+BATCHNORM_MODES = ("auto", "frozen", "train")
+SELECT_MODES = ("auto", "best-val", "last")
+PRECISIONS = ("fp32", "fp16-weights")
+CLASSIFIERS = ("text", "head")
+
+
+@dataclass
+class PhaseAConfig:
+    data: str = option(MISSING, "--data", "Prepared dataset directory (holds dataset.json).", path="any")
+    model: str = option(MISSING, "--model", "open_clip architecture (RN50-quickgelu, ViT-B-16, …) or ballad-tiny.")
+    out: str = option("checkpoints/phase_a", "--out",
+                      "Output directory: last.pt, best.pt, final.pt, final.json, train_log.jsonl.", path="dir")
+    pretrained: str | None = option(None, "--pretrained", "open_clip weight tag (openai, …) or a local checkpoint; "
+                                                          "default (or none): random init.", kind=str)
+    epochs: int = option(50, "--epochs", "Training epochs; an epoch is ⌊N / --batch-size⌋ optimizer steps.")
+    optimizer: str = option("sgd", "--optimizer",
+                            "sgd as in the paper; adamw to train a random init (ballad-tiny) from scratch.", OPTIMIZERS)
+    lr: float = option(1e-5, "--lr", "Learning rate of both encoders (cosine to 0).")
+    weight_decay: float = option(5e-4, "--weight-decay", "Weight decay of the optimizer.")
+    momentum: float = option(0.9, "--momentum", "SGD momentum.")
+    batch_size: int = option(512, "--batch-size", "Images per optimizer step, over all processes.")
+    micro_batch: int | None = option(None, "--micro-batch", "Images per forward pass and process (gradient "
+                                                            "accumulation); default (or none): the whole batch.",
+                                     kind=int)
+    logit_scale: float | None = option(None, "--logit-scale", "Fixed logit scale s (default, or none: the model's "
+                                                              "own, 100 for OpenAI CLIP).", kind=float)
+    schedule: str = option("authors", "--schedule",
+                           "authors: cosine stepped at each epoch's start (epoch 1 below --lr, the last at 0); "
+                           "standard: epoch 1 at --lr, never 0.", SCHEDULES)
+    batchnorm: str = option("auto", "--batchnorm",
+                            "frozen: the model stays in eval mode, BatchNorm keeps its running statistics (the "
+                            "authors'); train: train mode; auto: frozen from pretrained weights, train from a "
+                            "random init.", BATCHNORM_MODES)
+    color_jitter: float = option(COLOR_JITTER, "--color-jitter", "ColorJitter brightness/contrast/saturation of the "
+                                                                 "train transform (the authors' 0.4); 0 = off.")
+    select: str = option("auto", "--select", "Weights in final.pt: the epoch with the best val top-1 (the authors') "
+                                             "or the last; auto: best-val when the dataset has a val split.",
+                         SELECT_MODES)
+    precision: str = option("fp32", "--precision", "fp32: fp32 weights, bf16 autocast on CUDA; fp16-weights: the "
+                                                   "authors' fp16 weights updated directly (CUDA only).", PRECISIONS)
+    tune: str = option("full", "--tune",
+                       "What trains. full: both towers (BALLAD); bias: image-tower biases and norm weights; lora: "
+                       "low-rank q/v updates in the image tower's attention; adaptformer: a bottleneck branch beside "
+                       "each image-tower MLP (LIFT). bias/lora/adaptformer freeze the text tower; lora and "
+                       "adaptformer need a ViT image tower.", TUNES)
+    lora_rank: int = option(LORA_RANK, "--lora-rank", "Rank r of --tune lora (scaling 1/r, as LIFT).")
+    adapter_width: int | None = option(None, "--adapter-width",
+                                       "Bottleneck width of --tune adaptformer (default, or none: LIFT's "
+                                       "2^max(0, ⌊log2(K / 2L)⌋), K classes, L blocks).", kind=int)
+    classifier: str = option("text", "--classifier",
+                             "text: the text tower's embeddings of the class prompts, every step (BALLAD); head: a "
+                             "cosine classifier initialised from them and trained, the text tower frozen and not run "
+                             "(LIFT).", CLASSIFIERS)
+    loss: str = option("ce", "--loss", "ce: cross-entropy (BALLAD); logit-adjusted: cross-entropy of the logits + "
+                                       "τ·log(train class prior), in training only (LIFT).", LOSSES)
+    la_tau: float = option(1.0, "--la-tau", "τ of --loss logit-adjusted, ≥ 0.")
+    seed: int = option(0, "--seed", "Seed of the model's initialisation, the data order and the augmentation.")
+    workers: int = option(MISSING, "--workers", "DataLoader workers per process.", factory=default_workers, kind=int,
+                          show_default="4, at most the usable cores")
+    shuffle_buffer: int = option(2000, "--shuffle-buffer", "Samples in the shuffle buffer per worker.")
+    save_every: int = option(200, "--save-every", "Write last.pt every N steps (and at the end).")
+    eval_every: int = option(0, "--eval-every",
+                             "Test accuracy (not used for selection) before training and every N epochs; 0 = never.")
+    eval_samples: int = option(2000, "--eval-samples", "Test images used by --eval-every.")
+    grad_checkpointing: bool = option(False, "--grad-checkpointing", "Trade compute for memory (transformer towers).")
+    strict: bool = option(False, "--strict", "Fail on an undecodable sample instead of skipping it.")
+    resume: bool = option(False, "--resume", "Continue the run in --out from last.pt (or start one).")
+    device: str = option(DEVICE, "--device", DEVICE_HELP)
+
+    def check(self) -> None:
+        """Every option in range before any work starts: a one-line UserError naming the first one that is not."""
+        def refuse(name, why):
+            raise UserError(f"{self.__dataclass_fields__[name].metadata['flag']} {getattr(self, name)}: {why}")
+
+        for name in ("epochs", "batch_size", "save_every", "eval_samples", "lora_rank"):
+            if getattr(self, name) < 1:
+                refuse(name, "must be at least 1")
+        for name in ("micro_batch", "adapter_width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                refuse(name, "must be at least 1")
+        for name in ("workers", "shuffle_buffer", "eval_every"):
+            if getattr(self, name) < 0:
+                refuse(name, "must be 0 or more")
+        if not 0 <= self.seed < 2**32:
+            refuse("seed", "must be in [0, 2^32)")
+        for name, ok, why in (("lr", self.lr > 0, "must be above 0"),
+                              ("weight_decay", self.weight_decay >= 0, "must be 0 or more"),
+                              ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
+                              ("color_jitter", self.color_jitter >= 0, "must be 0 (off) or more"),
+                              ("logit_scale", self.logit_scale is None or self.logit_scale > 0, "must be above 0"),
+                              ("la_tau", self.la_tau >= 0, "must be 0 or more")):
+            value = getattr(self, name)
+            if not ok or (value is not None and not math.isfinite(value)):
+                refuse(name, f"{why} and finite")
+        for name in ("optimizer", "schedule", "batchnorm", "select", "precision", "tune", "classifier", "loss"):
+            choices = self.__dataclass_fields__[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                refuse(name, f"choose one of {', '.join(choices)}")

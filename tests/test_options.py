@@ -1,0 +1,153 @@
+"""One source per setting (issue 18): options built from the config dataclasses, `none` read once at the
+command-line edge, one --device, and a --help that does not import torch."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import MISSING, fields
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import COMMANDS, main
+from pipeline.cli.options import FLOAT_OR_NONE, INT_OR_NONE, TEXT_OR_NONE
+from pipeline.errors import UserError
+from pipeline.options import DEVICE, DEVICE_HELP, none_to_null
+from stages.adapter_config import TrainConfig
+from stages.phase_a_config import PhaseAConfig
+
+
+def command(name: str) -> click.Command:
+    return main.get_command(click.Context(main), name)
+
+
+def options(cmd: click.Command) -> dict[str, click.Option]:
+    return {opt: p for p in cmd.params if isinstance(p, click.Option) for opt in p.opts}
+
+
+# -- --help without torch --------------------------------------------------------------------------------
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from pipeline.cli import COMMANDS, main\n"
+        "for args in [['--help'], *[[name, '--help'] for name in COMMANDS]]:\n"
+        "    try:\n"
+        "        main(args, standalone_mode=False)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "    assert 'torch' not in sys.modules, args\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+    assert "Usage:" in proc.stdout and "--micro-batch" in proc.stdout
+
+
+# -- options built from the configs ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("config, name", [(PhaseAConfig, "phase-a"), (TrainConfig, "adapter")])
+def test_every_config_field_is_its_option_with_the_fields_default_choices_and_help(config, name):
+    opts = options(command(name))
+    ctx = click.Context(command(name))
+    for f in fields(config):
+        meta = f.metadata
+        opt = opts[meta["flag"]]
+        assert opt.name == f.name and opt.help == meta["help"], meta["flag"]
+        if f.default_factory is not MISSING:
+            assert opt.get_default(ctx, call=True) == f.default_factory()
+        elif f.default is MISSING:
+            assert opt.required, meta["flag"]
+        else:
+            assert opt.get_default(ctx, call=False) == f.default, meta["flag"]
+        if meta["choices"]:
+            assert tuple(opt.type.choices) == meta["choices"], meta["flag"]
+
+
+def test_phase_a_config_is_one_class_and_checks_itself():
+    import stages.phase_a as pa
+    import stages.phase_a_config as pac
+
+    assert pa.PhaseAConfig is pac.PhaseAConfig
+    assert pa.CLASSIFIERS is pac.CLASSIFIERS and pa.PRECISIONS is pac.PRECISIONS
+    PhaseAConfig(data="d", model="m").check()
+    with pytest.raises(UserError, match=r"^--micro-batch 0: must be at least 1$"):
+        PhaseAConfig(data="d", model="m", micro_batch=0).check()
+
+
+# -- none ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, text, value", [
+    (INT_OR_NONE, "none", None), (INT_OR_NONE, "None", None), (INT_OR_NONE, "", None), (INT_OR_NONE, "64", 64),
+    (FLOAT_OR_NONE, "None", None), (FLOAT_OR_NONE, "25", 25.0), (TEXT_OR_NONE, "none", None),
+    (TEXT_OR_NONE, "None", None), (TEXT_OR_NONE, "openai", "openai"),
+])
+def test_or_none_reads_none_once(kind, text, value):
+    assert kind.convert(text, None, None) == value
+    assert none_to_null(text) == (None if text in ("none", "None", "") else text)
+
+
+def test_or_none_refuses_what_the_wrapped_type_refuses():
+    with pytest.raises(click.BadParameter):
+        INT_OR_NONE.convert("many", None, None)
+
+
+@pytest.mark.parametrize("word", ["none", "None"])
+def test_phase_a_numeric_options_take_dvcs_null(monkeypatch, word):
+    import stages.phase_a as pa
+
+    seen = []
+    monkeypatch.setattr(pa, "run_phase_a", lambda cfg: seen.append(cfg) or "final.pt")
+    result = CliRunner().invoke(main, ["phase-a", "--data", "d", "--model", "m", "--pretrained", word,
+                                       "--micro-batch", word, "--logit-scale", word, "--adapter-width", word])
+    assert result.exit_code == 0, result.output
+    assert seen == [PhaseAConfig(data="d", model="m")]
+
+
+def test_stages_receive_none_for_none(monkeypatch):
+    import stages.bundle
+    import stages.evaluate
+    import stages.extract
+    import stages.knn
+
+    calls = {}
+
+    def record(name, result):
+        def fake(*args, **kw):
+            calls[name] = (args, kw)
+            return result
+        return fake
+
+    metrics = {k: 1.0 for k in ("top1", "top5", "many", "medium", "few", "ece")} | {"num_test": 1}
+    monkeypatch.setattr(stages.evaluate, "evaluate", record("evaluate", metrics))
+    monkeypatch.setattr(stages.extract, "extract", record("extract", {}))
+    monkeypatch.setattr(stages.knn, "neighbors", record("neighbors", {"key": "k", "class": "c",
+                                                                      "predicted_class": "c", "neighbors": []}))
+    monkeypatch.setattr(stages.bundle, "export", record("export", {"adapter": None, "model": {"name": "m"},
+                                                                   "classnames": []}))
+    runner = CliRunner()
+    for args in (["evaluate", "--features", "f", "--out", "o"],  # the default, none
+                 ["neighbors", "--features", "f", "--key", "k", "--adapter", "None"],
+                 ["extract", "--ckpt", "none", "--pretrained", "None", "--workers", "None",
+                  "--data", "d", "--out", "o"],
+                 ["export", "--ckpt", "c", "--adapter", "none", "--features", "f", "--out", "o"]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, (args, result.output)
+    assert calls["evaluate"][1]["adapter"] is None and calls["neighbors"][1]["adapter"] is None
+    args, kw = calls["extract"]
+    assert args[0] is None and kw["pretrained"] is None and kw["workers"] is None
+    assert calls["export"][0][1] is None
+
+
+# -- --device --------------------------------------------------------------------------------------------
+
+def test_every_command_defaults_to_the_same_device():
+    commands = {name: command(name) for name in COMMANDS}
+    with_device = {name: options(cmd)["--device"] for name, cmd in commands.items()
+                   if cmd is not None and "--device" in options(cmd)}
+    assert {"phase-a", "extract", "adapter", "evaluate", "sweep", "neighbors", "predict"} <= set(with_device)
+    ctx = {name: click.Context(command(name)) for name in with_device}
+    assert {name: opt.get_default(ctx[name]) for name, opt in with_device.items()} == dict.fromkeys(with_device, DEVICE)
+    for name in ("phase-a", "extract", "adapter", "evaluate", "sweep", "neighbors", "predict"):
+        assert with_device[name].help == DEVICE_HELP, name
