@@ -15,7 +15,7 @@ parts that do not belong together: the checkpoint must be the one the store was 
 checkpoint, class list, embed dim). Loading checks each tensor file against bundle.json's sha256.
 
 Predictions run through the functions extraction and evaluation use (stages.extract.image_features,
-stages.adapter.embed_all, stages.evaluate.class_logits), with features rounded to the store's dtype,
+stages.adapter.embed_all, stages.evaluate.adapter_logits), with features rounded to the store's dtype,
 so a bundle predicts on the test images what `evaluate` reports. ``tta`` (`predict --tta MODE`) builds
 the test-time views of `extract --test-views MODE` with the same function (stages.extract.tta_views)
 and averages their logits as `evaluate --tta mean` does (stages.evaluate.view_logits).
@@ -189,7 +189,7 @@ class Bundle:
         ``tta``: none, or an `extract --test-views` mode whose views' logits are averaged.
         """
         from stages.adapter import embed_all
-        from stages.evaluate import class_logits, view_logits
+        from stages.evaluate import adapter_logits, view_logits
         from stages.extract import image_features, split_transform, tta_views, view_features
 
         model = self.backbone.model.eval()
@@ -197,7 +197,7 @@ class Bundle:
             if tta == "none":
                 batch = torch.stack([self.backbone.eval_transform(im) for im in images])
                 feats = image_features(model, batch, self.device, self.feature_dtype)
-                return class_logits(self.adapter, embed_all(self.adapter, feats), self.text)
+                return adapter_logits(self.adapter, embed_all(self.adapter, feats), self.text)
             per_image, normalize = split_transform(self.backbone.eval_transform)
             views = tta_views(per_image, tta)
             feats = view_features(model, torch.stack([views(im) for im in images]), self.device, self.feature_dtype,

@@ -29,6 +29,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.runtime import atomic_path, pick_device, write_json
 from pipeline.prior import log_prior
+from pipeline.shots import FEW, MANY, group_means
 from stages.adapter import Adapter, embed_all, load_adapter
 from stages.knn import KnnConfig, knn_logits
 
@@ -41,19 +42,15 @@ def check_thresholds(many: int, few: int) -> None:
         raise UserError(f"--few-threshold {few} exceeds --many-threshold {many}")
 
 
-def shot_accuracy(pred: np.ndarray, labels: np.ndarray, train_counts: np.ndarray, many: int = 100,
-                  few: int = 20) -> tuple[dict, np.ndarray, np.ndarray]:
+def shot_accuracy(pred: np.ndarray, labels: np.ndarray, train_counts: np.ndarray, many: int = MANY,
+                  few: int = FEW) -> tuple[dict, np.ndarray, np.ndarray]:
     """(group → mean per-class accuracy or None, per-class accuracy [K] (NaN: untested), test counts [K])."""
     k = len(train_counts)
     test_counts = np.bincount(labels, minlength=k)
     correct = np.bincount(labels, weights=(pred == labels), minlength=k)
     with np.errstate(invalid="ignore"):
         acc = 100 * correct / test_counts
-    tested = test_counts > 0
-    is_many, is_few = train_counts > many, train_counts < few
-    groups = {"many": is_many, "medium": ~is_many & ~is_few, "few": is_few}
-    return ({name: float(acc[mask & tested].mean()) if (mask & tested).any() else None
-             for name, mask in groups.items()}, acc, test_counts)
+    return group_means(acc, test_counts > 0, train_counts, many, few), acc, test_counts
 
 
 def calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -63,7 +60,7 @@ def calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = ECE_BIN
     return float(100 * np.abs(hits - np.bincount(which, weights=conf, minlength=bins)).sum() / len(conf))
 
 
-def score(logits: torch.Tensor, labels: np.ndarray, train_counts: np.ndarray, many: int = 100, few: int = 20) -> dict:
+def score(logits: torch.Tensor, labels: np.ndarray, train_counts: np.ndarray, many: int = MANY, few: int = FEW) -> dict:
     """Metrics plus the per-class and top-5 arrays the report files need."""
     probs = logits.float().softmax(dim=1)
     top_p, top_c = probs.topk(min(5, probs.shape[1]), dim=1)
@@ -77,7 +74,7 @@ def score(logits: torch.Tensor, labels: np.ndarray, train_counts: np.ndarray, ma
     return {"metrics": metrics, "per_class": acc, "test_counts": test_counts, "top5": top_c, "scores": top_p}
 
 
-def class_logits(model: Adapter, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+def adapter_logits(model: Adapter, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Logits on the CPU for features already embedded by ``model``."""
     with torch.no_grad():
         return (emb @ model.classifier(text).T).cpu()
@@ -86,14 +83,14 @@ def class_logits(model: Adapter, emb: torch.Tensor, text: torch.Tensor) -> torch
 def view_logits(model: Adapter, views: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Test-time ensembling: the mean over views [T, N, D] of each view's class logits, on the CPU.
     Summed view by view, so memory holds one [N, K] matrix and a running sum, not T of them."""
-    total = class_logits(model, embed_all(model, views[0]), text)
+    total = adapter_logits(model, embed_all(model, views[0]), text)
     for view in views[1:]:
-        total += class_logits(model, embed_all(model, view), text)
+        total += adapter_logits(model, embed_all(model, view), text)
     return total / len(views)
 
 
 def evaluate(features: str | Path, out: str | Path, adapter: str | None = None, split: str = "test",
-             many: int = 100, few: int = 20, logit_adjust: float = 0.0, knn: KnnConfig = KnnConfig(),
+             many: int = MANY, few: int = FEW, logit_adjust: float = 0.0, knn: KnnConfig = KnnConfig(),
              tta: str = "none", device: str | None = None) -> dict:
     """Score ``split`` and write metrics.json, per_class.csv, predictions.npz and per_class.png to ``out``."""
     from store.features import FeatureStore
@@ -115,7 +112,7 @@ def evaluate(features: str | Path, out: str | Path, adapter: str | None = None, 
     if tta == "mean":
         logits = view_logits(model, store.tta_features(split, device=dev), text)
     else:
-        logits = class_logits(model, emb, text)
+        logits = adapter_logits(model, emb, text)
     if knn.k:
         logits += knn_logits(model, store, emb, knn, dev)
     if logit_adjust:

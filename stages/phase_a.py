@@ -72,6 +72,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -84,6 +85,7 @@ from pipeline.prior import log_prior
 from pipeline.provenance import source_digest
 from pipeline.runtime import atomic_path, autocast, pick_device, progress, seed_everything, sha256_file, write_json
 from pipeline.schedule import epoch_lr
+from pipeline.shots import group_means
 from pipeline.text import class_prompts, encode_text, tokenize_trimmed
 from stages.phase_a_config import (BATCHNORM_MODES, CLASSIFIERS, LOSSES, OPTIMIZERS, PRECISIONS,  # noqa: F401
                                    SCHEDULES, SELECT_MODES, TUNES, PhaseAConfig)
@@ -92,7 +94,6 @@ from store.shards import DATASET_FILE, load_dataset
 
 log = logging.getLogger("ballad.phase_a")
 
-MANY, FEW = 100, 20  # shot groups: many > 100 train images, few < 20, medium in between
 
 
 # What a resumed run must share with the run that wrote last.pt; the rest may change between attempts.
@@ -109,7 +110,7 @@ class Towers(torch.nn.Module):
 
     It also owns the numerics. ``fp32``: fp32 weights and bf16 autocast on CUDA (fp32 on CPU).
     ``fp16-weights``: the factory built the model with fp16 weights, as the authors' is; images are
-    cast to fp16 and nothing is autocast. Either way the logits are computed in fp32 (class_logits).
+    cast to fp16 and nothing is autocast. Either way the logits are computed in fp32 (cosine_logits).
     """
 
     def __init__(self, clip, precision: str = "fp32", head: torch.Tensor | None = None):
@@ -156,7 +157,8 @@ def set_batchnorm(towers: torch.nn.Module, mode: str) -> None:
     towers.train(mode == "train")
 
 
-def class_logits(image_features, text_features, scale: float):
+def cosine_logits(image_features, text_features, scale: float):
+    """s · norm(v) · norm(u)ᵀ: the logits Phase A trains and scores."""
     return scale * F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
 
 
@@ -164,7 +166,7 @@ def train_step(net, tokens, micro_batches, scale: float, bias: torch.Tensor | No
     """Forward and backward of one optimizer step over ``micro_batches`` [(images, labels)]; returns the
     mean loss. ``bias`` [K] is added to the training logits (``--loss logit-adjusted``: τ·log prior)."""
     def loss_of(image, classes, y):
-        logits = class_logits(image, classes, scale)
+        logits = cosine_logits(image, classes, scale)
         return F.cross_entropy(logits if bias is None else logits + bias, y) * (len(y) / n)
 
     n = sum(len(y) for _, y in micro_batches)
@@ -210,12 +212,11 @@ def split_accuracy(towers: Towers, tokens, urls, transform, *, samples: int, bat
                 bar.update(len(labels))
     finally:
         towers.train(training)
-    row = {"top1": round(float(correct.sum() / seen.sum().clamp(min=1)), 4)}
-    counts = torch.tensor(train_counts)
-    for name, mask in (("many", counts > MANY), ("medium", (counts <= MANY) & (counts >= FEW)), ("few", counts < FEW)):
-        mask &= seen > 0
-        row[name] = round(float((correct[mask] / seen[mask]).mean()), 4) if mask.any() else None
-    return row
+    with np.errstate(invalid="ignore"):
+        per_class = (correct / seen).numpy()
+    groups = group_means(per_class, seen.numpy() > 0, train_counts)
+    return {"top1": round(float(correct.sum() / seen.sum().clamp(min=1)), 4),
+            **{name: None if acc is None else round(acc, 4) for name, acc in groups.items()}}
 
 
 def _to_device(images, device, channels_last: bool):

@@ -17,14 +17,15 @@ import torch
 from pipeline.errors import UserError
 from pipeline.runtime import atomic_path, pick_device, write_json
 from stages.adapter import TrainConfig, embed_all, fit, training_data
-from stages.evaluate import check_thresholds, class_logits, score
+from pipeline.shots import FEW, MANY
+from stages.evaluate import adapter_logits, check_thresholds, score
 
 METRICS = ("top1", "top5", "many", "medium", "few", "ece")
 COLUMNS = ("lambda", *METRICS, "selected_epoch", "val_acc", "loss")
 
 
 def sweep(features: str | Path, out: str | Path, lambdas: list[float], cfg: TrainConfig = TrainConfig(),
-          split: str = "test", many: int = 100, few: int = 20, device: str | None = None) -> list[dict]:
+          split: str = "test", many: int = MANY, few: int = FEW, device: str | None = None) -> list[dict]:
     from store.features import FeatureStore
 
     if not lambdas:
@@ -43,7 +44,7 @@ def sweep(features: str | Path, out: str | Path, lambdas: list[float], cfg: Trai
         fitted = fit(train_feats, train_labels, text, store.logit_scale, replace(cfg, lam=lam), desc=f"λ={lam:g}",
                      val=val, views=views)
         model = fitted.model
-        metrics = score(class_logits(model, embed_all(model, feats), text), labels, counts, many, few)["metrics"]
+        metrics = score(adapter_logits(model, embed_all(model, feats), text), labels, counts, many, few)["metrics"]
         rows.append({"lambda": lam, **{k: metrics[k] for k in METRICS}, "selected_epoch": fitted.selected_epoch,
                      "val_acc": fitted.val_acc, "loss": fitted.losses[fitted.selected_epoch - 1]})
     out = Path(out)

@@ -23,7 +23,7 @@ from pipeline.peft import HEAD_KEY, AdaptFormerBlock, add_tuning, export_state_d
 from pipeline.prior import log_prior
 from pipeline.runtime import seed_everything
 from pipeline.text import tokenize_trimmed
-from stages.phase_a import PhaseAConfig, Towers, class_logits, param_digest, run_phase_a, text_head, train_step
+from stages.phase_a import PhaseAConfig, Towers, cosine_logits, param_digest, run_phase_a, text_head, train_step
 
 VIT = dict(model="ballad-tiny-vit", optimizer="adamw", lr=1e-3, weight_decay=0.05, workers=0, shuffle_buffer=50)
 CLASSES = ("red circle", "blue square", "green triangle")
@@ -152,7 +152,7 @@ def test_log_prior_and_the_logit_adjusted_loss_is_cross_entropy_of_shifted_logit
     bias = 1.5 * log_prior(counts)
     with torch.no_grad():
         image, text = towers(x, tokens)
-        expected = F.cross_entropy(class_logits(image, text, 14.3) + 1.5 * torch.log(torch.tensor([50, 10, 1]) / 61), y)
+        expected = F.cross_entropy(cosine_logits(image, text, 14.3) + 1.5 * torch.log(torch.tensor([50, 10, 1]) / 61), y)
     for split in ([6], [2, 4]):
         towers.zero_grad(set_to_none=True)
         loss = train_step(towers, tokens, list(zip(x.split(split), y.split(split))), 14.3, bias)
@@ -167,9 +167,9 @@ def test_head_initialised_from_text_gives_the_zero_shot_logits(single_thread):
     towers.eval()
     with torch.no_grad():
         image, weights = towers(x, tokens)
-        zero_shot = class_logits(image, towers.text(tokens), 14.3)
+        zero_shot = cosine_logits(image, towers.text(tokens), 14.3)
         assert weights is towers.head and torch.allclose(towers.head.norm(dim=1), torch.ones(len(CLASSES)))
-        assert torch.allclose(class_logits(image, weights, 14.3), zero_shot, atol=1e-5)
+        assert torch.allclose(cosine_logits(image, weights, 14.3), zero_shot, atol=1e-5)
 
 
 # -- stage-level: refusals, options, checkpoints, extract, resume -----------------------------------------

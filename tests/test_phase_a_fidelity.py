@@ -256,7 +256,7 @@ def test_fp16_weights_train_in_fp16_without_a_master_copy(tiny_backbone):
         before = conv.detach().clone()
         opt = pa.make_optimizer(cfg, bb.model)
         image, text = towers(x, tokens)
-        assert pa.class_logits(image, text, 100.0).dtype == torch.float32
+        assert pa.cosine_logits(image, text, 100.0).dtype == torch.float32
         loss = pa.train_step(towers, tokens, [(x, y)], 100.0)
         assert torch.isfinite(torch.tensor(loss)) and conv.grad.dtype == conv.dtype
         opt.step()

@@ -3,6 +3,7 @@ import click
 
 from pipeline.cli.adapter import features, train_options
 from pipeline.cli.options import TEXT_OR_NONE, device
+from pipeline.shots import FEW, MANY
 
 adapter_opt = click.option("--adapter", default="none", show_default=True, type=TEXT_OR_NONE,
                            help="Adapter file, or `none` to score the store itself (zero-shot / Phase A).")
@@ -10,8 +11,8 @@ split_opt = click.option("--split", default="test", show_default=True)
 
 
 def thresholds(f):
-    f = click.option("--few-threshold", default=20, show_default=True, help="Few: fewer train images than this.")(f)
-    return click.option("--many-threshold", default=100, show_default=True,
+    f = click.option("--few-threshold", default=FEW, show_default=True, help="Few: fewer train images than this.")(f)
+    return click.option("--many-threshold", default=MANY, show_default=True,
                         help="Many: more train images than this.")(f)
 
 
