@@ -146,7 +146,7 @@ class Bundle:
         from stages.adapter import Adapter
 
         path = Path(path)
-        meta = _read_meta(path)
+        meta = read_meta(path)
         for name in (MODEL_FILE, HEAD_FILE):
             if not (path / name).is_file():
                 raise UserError(f"{path / name}: missing from the bundle")
@@ -219,7 +219,8 @@ class Bundle:
         return out
 
 
-def _read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> dict:
+    """A bundle's bundle.json, checked for format and keys (``Bundle.load`` and ``verify`` read it)."""
     file = path / META_FILE
     if not file.is_file():
         raise UserError(f"{path}: not a bundle (no {META_FILE}; `ballad-pipe export` writes one)")

@@ -182,10 +182,10 @@ def _last(last: Path) -> Finding:
 
 # ---------------------------------------------------------------- bundles (export)
 def _bundle(path: Path) -> Iterator[Finding]:
-    from stages.bundle import HEAD_FILE, META_FILE, MODEL_FILE, Bundle, _read_meta
+    from stages.bundle import HEAD_FILE, META_FILE, MODEL_FILE, Bundle, read_meta
 
     try:
-        meta = _read_meta(path)
+        meta = read_meta(path)
     except UserError as e:
         yield Finding(False, str(e))
         return
