@@ -16,6 +16,7 @@ from pipeline.errors import UserError
 # name -> "module:attribute"; one module per command keeps option parsing next to nothing else.
 COMMANDS = {
     "prepare": "pipeline.cli.prepare:prepare",
+    "pretrain": "pipeline.cli.pretrain:pretrain",
     "phase-a": "pipeline.cli.phase_a:phase_a",
     "extract": "pipeline.cli.extract:extract",
     "adapter": "pipeline.cli.adapter:adapter",
