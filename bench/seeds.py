@@ -1,11 +1,13 @@
 """python -m bench.seeds: the DVC pipeline over several seeds and settings, as mean ± std per report.
 
     python -m bench.seeds --seeds 0 1 2
-    python -m bench.seeds --seeds 0 1 2 --grid extract.train_views=0,4,16 --grid evaluate.tta=none,mean
+    python -m bench.seeds --seeds 0 1 2 --grid views.train-views=0,4,16 --grid evaluate.tta=none,mean
+    python -m bench.seeds --variant "" --variant "phase_a.tune=bias phase_a.classifier=head"
 
 Each seed runs in its own copy of the project (tracked and untracked files, or ``--ref``'s) made into a
 git repository, so ``dvc repro`` there is the README's pipeline, unchanged. The seed goes into every
-key of ``--seed-keys`` that params.yaml has; a grid's settings run one after the other in the same copy,
+key of ``--seed-keys``. A grid's settings (the product of every ``--grid``) or the ``--variant``s (each a
+whole set of changes; "" is params.yaml as it is) run one after the other in the same copy,
 so DVC re-runs only the stages a setting touches (Phase A once per seed for an adapter or view grid).
 Prints one table row per (setting, report) and writes the runs to bench/results/seeds-<time>.json.
 Results differ across CPU models (see README); compare rows of one run.
@@ -77,15 +79,21 @@ def has_key(params: dict, key: str) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.seeds", description=__doc__.split("\n\n")[1])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--seed-keys", default="phase_a.seed,adapter.seed,extract.view_seed")
+    parser.add_argument("--seed-keys", default="phase_a.seed,adapter.train.seed,views.view-seed",
+                        help="params.yaml keys that take the seed (each must exist); the pretrained model stays fixed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a fixed params.yaml change")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="settings to run in turn")
+    parser.add_argument("--variant", action="append", default=[], metavar="'K=V K2=V2'",
+                        help="a set of changes run as one setting (instead of --grid); \"\" = params.yaml")
     parser.add_argument("--ref", help="copy this commit (e.g. HEAD) instead of the working tree")
     parser.add_argument("--keep", help="keep the copies under this folder (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     fixed = dict(s.split("=", 1) for s in args.set)
     grid = [(k, v.split(",")) for k, v in (g.split("=", 1) for g in args.grid)]
-    settings = [dict(zip([k for k, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])]
+    if grid and args.variant:
+        parser.error("--grid and --variant do not combine")
+    settings = ([dict(kv.split("=", 1) for kv in v.split()) for v in args.variant] if args.variant else
+                [dict(zip([k for k, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])])
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ballad-seeds-"))
     env = {**os.environ, "BALLAD_PROGRESS": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     from bench.common import machine
@@ -98,9 +106,14 @@ def main(argv=None) -> int:
         if not work.exists():
             work.mkdir(parents=True)
             make_copy(work, args.ref)
-        params = yaml.safe_load((work / "params.yaml").read_text())
-        seed_set = {k: str(seed) for k in args.seed_keys.split(",") if has_key(params, k)}
+        original = (work / "params.yaml").read_text()
+        params = yaml.safe_load(original)
+        missing = [k for k in args.seed_keys.split(",") if not has_key(params, k)]
+        if missing:
+            sys.exit(f"--seed-keys: params.yaml has no {', '.join(missing)}")
+        seed_set = {k: str(seed) for k in args.seed_keys.split(",")}
         for setting in settings:
+            (work / "params.yaml").write_text(original)  # a variant's changes never leak into the next
             set_params(work / "params.yaml", {**fixed, **seed_set, **setting})
             t0 = time.perf_counter()
             proc = subprocess.run(["dvc", "repro", "-q"], cwd=work, env=env, capture_output=True, text=True)
@@ -109,7 +122,7 @@ def main(argv=None) -> int:
                 return proc.returncode
             metrics = {r: json.loads((work / "reports" / r / "metrics.json").read_text()) for r in REPORTS
                        if (work / "reports" / r / "metrics.json").is_file()}
-            runs.append({"seed": seed, "setting": setting, "repro_s": round(time.perf_counter() - t0, 1),
+            runs.append({"seed": seed, "seeded": seed_set, "setting": setting, "repro_s": round(time.perf_counter() - t0, 1),
                          "metrics": metrics})
             label = " ".join(f"{k}={v}" for k, v in setting.items()) or "params.yaml"
             print(f"seed {seed} {label}: " + "  ".join(f"{r} {m['top1']:.1f}" for r, m in metrics.items())
