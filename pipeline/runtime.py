@@ -108,6 +108,16 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically, with bytes that depend on ``obj`` only. Given a path, torch
+    names the archive inside the file after it (here the random temporary name), so equal weights would
+    give files of different sha256 and DVC would re-run every stage downstream; a file object avoids it."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
     import hashlib
 

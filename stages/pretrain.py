@@ -285,7 +285,7 @@ def _train(cfg: PretrainConfig, out: Path, device) -> Path:
 
     from pipeline.models import create_model
     from pipeline.provenance import source_digest
-    from pipeline.runtime import progress, seed_everything, sha256_file, write_json
+    from pipeline.runtime import progress, save_torch, seed_everything, sha256_file, write_json
     from pipeline.text import DEFAULT_TEMPLATE, class_prompts, encode_text, tokenize_trimmed
     from stages import shapes
 
@@ -316,7 +316,7 @@ def _train(cfg: PretrainConfig, out: Path, device) -> Path:
     model.train()
 
     def save_last():
-        save_atomically({"model": vocab.full_state_dict(), "optimizer": opt.state_dict(), "step": step,
+        save_torch({"model": vocab.full_state_dict(), "optimizer": opt.state_dict(), "step": step,
                          "history": history, "config": asdict(cfg), "source_digest": source_digest()}, last_path)
 
     with progress(total=cfg.steps, initial=step, desc="pretrain", unit="step") as bar:
@@ -350,7 +350,7 @@ def _train(cfg: PretrainConfig, out: Path, device) -> Path:
     log.info("pretrain: held-out zero-shot top-1 %.3f over %d classes (%.3f over the demo's %d)", zero_shot["top1"],
              zero_shot["classes"], zero_shot["demo_top1"], zero_shot["demo_classes"])
     final = out / "final.pt"
-    save_atomically(model.state_dict(), final)
+    save_torch(model.state_dict(), final)
     _write_log_csv(out / "train_log.csv", history)
     write_json(out / "final.json", {
         "model": cfg.model, "checkpoint": final.name, "sha256": sha256_file(final), "steps": cfg.steps,
@@ -362,18 +362,6 @@ def _train(cfg: PretrainConfig, out: Path, device) -> Path:
                    "trained_tokens": len(vocab.ids)},
         "seconds_this_attempt": round(train_seconds, 1), "config": asdict(cfg)})
     return final
-
-
-def save_atomically(obj, path: Path) -> None:
-    """``torch.save`` to ``path`` through a temporary file, with bytes that depend on ``obj`` only: given a
-    path, torch names the archive inside the file after it (here a random temporary name), so equal
-    weights would give files with different sha256, and DVC would re-run every stage downstream."""
-    import torch
-
-    from pipeline.runtime import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
 
 
 def _write_log_csv(path: Path, history: list) -> None:
