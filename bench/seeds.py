@@ -18,6 +18,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a fixed params.yaml change")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="settings to run in turn")
     parser.add_argument("--variant", action="append", default=[], metavar="'K=V K2=V2'",
-                        help="a set of changes run as one setting (instead of --grid); \"\" = params.yaml")
+                        help="a set of changes run as one setting (instead of --grid); \"\" = params.yaml; "
+                             "quote a value holding spaces: \"data.args='--image-size 128 --max-side 37'\"")
     parser.add_argument("--ref", help="copy this commit (e.g. HEAD) instead of the working tree")
     parser.add_argument("--keep", help="keep the copies under this folder (default: a temporary one, removed)")
     args = parser.parse_args(argv)
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     grid = [(k, v.split(",")) for k, v in (g.split("=", 1) for g in args.grid)]
     if grid and args.variant:
         parser.error("--grid and --variant do not combine")
-    settings = ([dict(kv.split("=", 1) for kv in v.split()) for v in args.variant] if args.variant else
+    settings = ([dict(kv.split("=", 1) for kv in shlex.split(v)) for v in args.variant] if args.variant else
                 [dict(zip([k for k, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])])
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ballad-seeds-"))
     env = {**os.environ, "BALLAD_PROGRESS": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -116,7 +118,9 @@ def main(argv=None) -> int:
             (work / "params.yaml").write_text(original)  # a variant's changes never leak into the next
             set_params(work / "params.yaml", {**fixed, **seed_set, **setting})
             t0 = time.perf_counter()
-            proc = subprocess.run(["dvc", "repro", "-q"], cwd=work, env=env, capture_output=True, text=True)
+            # the copy's own packages, not the editable install's working tree (which may change meanwhile)
+            proc = subprocess.run(["dvc", "repro", "-q"], cwd=work, env={**env, "PYTHONPATH": str(work)},
+                                  capture_output=True, text=True)
             if proc.returncode:
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
                 return proc.returncode
