@@ -14,10 +14,10 @@ parts that do not belong together: the checkpoint must be the one the store was 
 (sha256), and the adapter must have been trained on that store (fingerprint: architecture,
 checkpoint, class list, embed dim). Loading checks each tensor file against bundle.json's sha256.
 
-Predictions run through the functions extraction and evaluation use (stages.extract.image_features,
+Predictions run through the functions extraction and evaluation use (pipeline.encode.image_features,
 stages.adapter.embed_all, stages.evaluate.adapter_logits), with features rounded to the store's dtype,
 so a bundle predicts on the test images what `evaluate` reports. ``tta`` (`predict --tta MODE`) builds
-the test-time views of `extract --test-views MODE` with the same function (stages.extract.tta_views)
+the test-time views of `extract --test-views MODE` with the same function (pipeline.views.tta_views)
 and averages their logits as `evaluate --tta mean` does (stages.evaluate.view_logits).
 """
 from __future__ import annotations
@@ -170,7 +170,7 @@ class Bundle:
     def set_classes(self, names) -> None:
         """Predict among ``names``: the bundle's classes keep their stored embeddings, new ones go through
         the text tower with the bundle's templates (the visual adapter applies as before)."""
-        from stages.extract import text_embeddings
+        from pipeline.encode import text_embeddings
 
         names = list(names)
         twice = [n for n, c in Counter(names).items() if c > 1]
@@ -188,9 +188,10 @@ class Bundle:
 
         ``tta``: none, or an `extract --test-views` mode whose views' logits are averaged.
         """
+        from pipeline.encode import image_features, split_transform, view_features
+        from pipeline.views import tta_views
         from stages.adapter import embed_all
         from stages.evaluate import adapter_logits, view_logits
-        from stages.extract import image_features, split_transform, tta_views, view_features
 
         model = self.backbone.model.eval()
         with torch.inference_mode():
@@ -206,7 +207,7 @@ class Bundle:
 
     def predict(self, images, top_k: int = 5, batch_size: int = 64, tta: str = "none") -> list[list[tuple[str, float]]]:
         """Per image, the ``top_k`` (class name, probability) pairs, best first (``tta``: see ``logits``)."""
-        from stages.extract import check_test_views
+        from pipeline.views import check_test_views
 
         if top_k < 1 or batch_size < 1:
             raise UserError(f"top_k {top_k} and batch_size {batch_size}: both must be at least 1")

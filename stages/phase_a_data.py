@@ -6,6 +6,8 @@ Each worker cycles through its own shards (a new shuffle per pass) until the epo
 taken, so every rank takes the same number of steps however unevenly the shards divide. A resumed
 run skips, without decoding, the samples its epoch had already used; the order it then sees is the
 one the interrupted run would have seen when the number of ranks and workers is unchanged.
+With ``--decode gpu`` the workers only read and draw each image's augmentation (store/stream.py), and
+each micro-batch is decoded and augmented on the GPU in the main process (``DeviceDecode``).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from store.shards import DATASET_FILE, local_path, split_member
-from store.stream import sample_stream
+from store.stream import collate_encoded, decode_batch, sample_stream
 
 MAX_DEFAULT_WORKERS = 4
 
@@ -113,35 +115,67 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def train_batches(urls, transform, *, seed: int, epoch: int, micro_batch: int, workers: int, shuffle_buffer: int,
-                  distributed: bool, consumed: int = 0, strict: bool = False, on_bad=None, pin_memory: bool = False):
-    """Endless (keys, images, labels) micro-batches of ``epoch``, after the ``consumed`` ones already used."""
+                  distributed: bool, consumed: int = 0, strict: bool = False, on_bad=None, pin_memory: bool = False,
+                  decode_on=None):
+    """Endless (keys, images, labels) micro-batches of ``epoch``, after the ``consumed`` ones already used.
+
+    ``decode_on`` (a torch.device, ``--decode gpu``): the workers only read and draw each image's random
+    transform parameters (store/stream.py), and each micro-batch is decoded and transformed here, on
+    that device; a sample's draws are the ones the CPU path makes for it.
+    """
     import torch
 
+    device = DeviceDecode(transform, decode_on, strict, on_bad) if decode_on is not None else None
     stream = sample_stream(urls, transform, shuffle_shards=True, shuffle_buffer=shuffle_buffer,
                            seed=epoch_seed(seed, epoch), split_by_node=distributed, strict=strict, on_bad=on_bad,
-                           before_decode=SkipSeen(consumed, micro_batch) if consumed else None).repeat()
+                           before_decode=SkipSeen(consumed, micro_batch) if consumed else None,
+                           draw=device.draw if device else None).repeat()
     # Seeds the workers' augmentation RNG, so an epoch's crops do not depend on what ran before it.
     gen = torch.Generator().manual_seed(epoch_seed(seed, epoch) % 2**63)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=micro_batch, num_workers=workers, generator=gen,
-                                              pin_memory=pin_memory))
+                                              pin_memory=pin_memory and device is None,
+                                              collate_fn=collate_encoded if device else None))
     # The loader always starts with worker 0, but the next batch was worker (consumed mod W)'s to give:
     # within every round of one batch per worker, yield the workers in that rotated order.
     first = consumed % max(workers, 1)
     while True:
         batches = [next(loader) for _ in range(max(workers, 1))]
-        yield from batches[first:] + batches[:first]
+        for batch in batches[first:] + batches[:first]:
+            yield device.finish(batch) if device else batch
 
 
-def eval_batches(urls, transform, *, batch: int, workers: int, limit: int):
-    """(images, labels) batches of the first ``limit`` samples of an evaluation split, in a fixed order."""
+def eval_batches(urls, transform, *, batch: int, workers: int, limit: int, decode_on=None):
+    """(images, labels) batches of the first ``limit`` samples of an evaluation split, in a fixed order
+    (``decode_on``: as ``train_batches``)."""
     import torch
 
-    loader = torch.utils.data.DataLoader(sample_stream(urls, transform), batch_size=batch,
-                                         num_workers=min(workers, len(urls)))
+    device = DeviceDecode(transform, decode_on) if decode_on is not None else None
+    loader = torch.utils.data.DataLoader(sample_stream(urls, transform, draw=device.draw if device else None),
+                                         batch_size=batch, num_workers=min(workers, len(urls)),
+                                         collate_fn=collate_encoded if device else None)
     seen = 0
-    for _, images, labels in loader:
+    for b in loader:
+        _, images, labels = device.finish(b) if device else b
         take = min(len(labels), limit - seen)
         yield images[:take], labels[:take]
         seen += take
         if seen >= limit:
             return
+
+
+class DeviceDecode:
+    """``--decode gpu`` for one transform: ``draw`` runs in the workers, ``finish`` turns a collated batch
+    of encoded images into (keys, images, labels) on ``device`` (undecodable images dropped, as the
+    CPU path drops them before batching)."""
+
+    def __init__(self, transform, device, strict: bool = False, on_bad=None):
+        from pipeline.tensor_transforms import TensorTransform
+
+        self.transform, self.device, self.strict, self.on_bad = TensorTransform(transform), device, strict, on_bad
+        self.draw = self.transform.draw
+
+    def finish(self, batch):
+        keys, encoded, labels = batch
+        keep, images = decode_batch(keys, encoded, self.device, self.strict, self.on_bad)
+        return (tuple(keys[i] for i in keep), self.transform(images, [encoded.params[i] for i in keep]),
+                labels[keep])

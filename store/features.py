@@ -24,11 +24,11 @@ or a missing chunk into a one-line error instead of silently changed numbers. Se
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
-import os
 import shlex
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -36,7 +36,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.runtime import atomic_path
+from store.location import Location
 
 FORMAT = "ballad-features/1"
 SPLIT_ORDER = ("train", "val", "test")
@@ -49,6 +49,8 @@ VIEWS, TTA = "views", "tta"  # the split arrays of extra views: train-transform 
 # zarr skips writing a chunk that holds only the fill value (an all-zero label chunk, say); written
 # anyway, every chunk carries its checksum and a missing chunk file means damage, not zeros.
 WRITE_ALL_CHUNKS = {"write_empty_chunks": True}
+# Deletes a store at a URL, as `rm -r` one on disk: the first half of a rebuild command.
+REMOVE_URL = "import fsspec, sys; fsspec.url_to_fs(sys.argv[1])[0].rm(sys.argv[1], recursive=True)"
 
 
 class ExtraViews(NamedTuple):
@@ -104,19 +106,21 @@ def _has_checksums(array) -> bool:
 class FeatureStore:
     """Read access to a feature store; ``open`` refuses paths that are not one."""
 
-    def __init__(self, path: Path, group):
-        self.path = path
+    def __init__(self, path: Path | str, group):
+        self.path = path  # a Path, or the URL of a store on object storage
         self._group = group
         self.meta: dict = dict(group.attrs)
 
     @classmethod
     def open(cls, path) -> "FeatureStore":
-        path = Path(path)
-        if not path.exists():
+        """The store at a local path or at any URL fsspec reads (``s3://``, ``gs://``, ``http(s)://``, …)."""
+        where = Location(path, "--features")
+        path = where.local if where.local is not None else where.url
+        if not where.exists():
             raise UserError(f"{path}: no such feature store (run `ballad-pipe extract … --out {path}`)")
         zarr = _zarr()
         try:
-            group = zarr.open_group(str(path), mode="r")
+            group = zarr.open_group(store=where.zarr_store(read_only=True), mode="r")
         except (FileNotFoundError, ValueError, KeyError, TypeError, zarr.errors.NodeTypeValidationError) as e:
             raise UserError(f"{path}: not a zarr feature store ({e.__class__.__name__})") from None
         if group.attrs.get("format") != FORMAT:
@@ -177,8 +181,11 @@ class FeatureStore:
     @property
     def rebuild_command(self) -> str:
         """What rebuilds the store from scratch (re-running the extract command alone keeps complete splits)."""
-        cmd = self.meta.get("command") or f"ballad-pipe extract … --out {shlex.quote(str(self.path))}"
-        return f"rm -r {shlex.quote(str(self.path))} && {cmd}"
+        where = shlex.quote(str(self.path))
+        cmd = self.meta.get("command") or f"ballad-pipe extract … --out {where}"
+        if isinstance(self.path, Path):
+            return f"rm -r {where} && {cmd}"
+        return f"python -c {shlex.quote(REMOVE_URL)} {where} && {cmd}"
 
     def _read(self, array, selection=slice(None)) -> np.ndarray:
         """``array.oindex[selection]``, with a one-line UserError for a corrupt, truncated or missing chunk.
@@ -302,31 +309,32 @@ def _array(group, name, data_or_shape, dtype, row_axis: int = 0):
 
 
 def create_store(path, attrs: dict, overwrite: bool = False):
-    """Open ``path`` for writing: a new store, or the same run's unfinished one (resume).
+    """Open ``path`` (a local path or a URL) for writing: a new store, or the same run's unfinished one (resume).
 
     A store whose fingerprint, dataset or dtype differs from ``attrs`` is refused unless ``overwrite``.
     """
     zarr = _zarr()
-    path = Path(path)
-    if path.exists():
-        theirs = _existing_attrs(path)
+    where = Location(path, "--out")
+    if where.exists():
+        theirs = _existing_attrs(where)
         clash = "(not a feature store)" if theirs is None else _identity_clash(theirs, attrs)
         if not clash:  # the same settings: resume, keeping what earlier runs recorded
-            group = zarr.open_group(str(path), mode="r+")
-            group.attrs.update({**attrs, **{k: theirs[k] for k in ("created", "splits") if k in theirs}})
+            group = zarr.open_group(store=where.zarr_store(read_only=False), mode="r+")
+            group.attrs.update({**attrs, **{k: theirs[k] for k in ("created", "splits") if k in theirs},
+                                "decode": {**(theirs.get("decode") or {}), **(attrs.get("decode") or {})}})
             return group
-        if not overwrite and (theirs is not None or path.is_file() or any(path.iterdir())):
+        if not overwrite and (theirs is not None or where.is_file() or not where.is_empty()):
             what = "is not a feature store" if theirs is None else f"holds a store made with another {clash}"
-            raise UserError(f"--out {path}: {what}; choose another --out or pass --overwrite")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    group = zarr.open_group(str(path), mode="w")
+            raise UserError(f"--out {where}: {what}; choose another --out or pass --overwrite")
+        where.remove()
+    group = zarr.open_group(store=where.zarr_store(read_only=False), mode="w")
     group.attrs.update({"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **attrs, "splits": []})
     return group
 
 
-def _existing_attrs(path: Path) -> dict | None:
+def _existing_attrs(where: Location) -> dict | None:
     try:
-        attrs = dict(_zarr().open_group(str(path), mode="r").attrs)
+        attrs = dict(_zarr().open_group(store=where.zarr_store(read_only=True), mode="r").attrs)
     except Exception:  # anything unreadable is "not a store"; the caller decides what that means
         return None
     return attrs if attrs.get("format") == FORMAT else None
@@ -345,6 +353,12 @@ def _identity_clash(theirs: dict, ours: dict) -> str | None:
                 diff = [k for k in ours[key] if theirs.get(key, {}).get(k) != ours[key][k]]
                 return f"{'/'.join(diff) or 'model'} ({', '.join(f'{k}={theirs.get(key, {}).get(k)}' for k in diff)})"
             return f"{key} ({theirs.get(key, default)})"
+    # Where a split's images were decoded (--decode): the device's pixels differ slightly from PIL's, so
+    # one split's rows must all come from one path; other splits may use another.
+    theirs_decode, ours_decode = theirs.get("decode") or {}, ours.get("decode") or {}
+    clash = [s for s in ours_decode if s in theirs_decode and theirs_decode[s] != ours_decode[s]]
+    if clash:
+        return f"--decode for split {clash[0]} ({theirs_decode[clash[0]]})"
     return None
 
 
@@ -396,11 +410,11 @@ def write_store(path, *, image: dict, labels: dict, keys: dict | None, text_embe
 
     ``views`` {split: [V, N, D]} adds train-transform views, ``tta`` {split: (mode, [T, N, D])} test-time views.
     """
-    path = Path(path)
-    if path.exists():
+    where = Location(path, "path")
+    if where.exists():
         if not overwrite:
             raise UserError(f"{path}: exists; pass overwrite=True to replace it")
-        shutil.rmtree(path)
+        where.remove()
     views, tta = dict(views or {}), dict(tta or {})
     text_embeddings = np.asarray(text_embeddings, dtype=np.float32)
     embed_dim = int(text_embeddings.shape[1])
@@ -433,8 +447,9 @@ def write_store(path, *, image: dict, labels: dict, keys: dict | None, text_embe
 class SplitWriter:
     """Stages one split shard by shard, then writes its arrays; every step survives SIGKILL.
 
-    Each finished shard becomes ``_staging/<split>/<index>.npz`` (written whole, then renamed into
-    place), which is also the record that the shard is done: a re-run only computes missing ones.
+    Each finished shard becomes ``_staging/<split>/<index>.npz``, written whole or not at all (a local
+    store: a temporary name, fsync, rename; object storage: one upload, see store/location.py), which is
+    also the record that the shard is done: a re-run only computes missing ones.
     Processes may stage disjoint shards concurrently. ``finish`` turns the staged shards into the
     split's arrays: each process writes a disjoint range of whole chunks, then the main process sets
     ``complete`` and removes the staging directory. With ``extra``, each shard also stages its
@@ -444,7 +459,8 @@ class SplitWriter:
     def __init__(self, group, split: str, num_shards: int, dtype="float16", extra: ExtraViews | None = None):
         self.group, self.split, self.num_shards, self.dtype = group, split, num_shards, np.dtype(dtype)
         self.extra = extra
-        self.dir = Path(str(group.store.root)) / STAGING / split
+        self.where = Location.of_zarr(group.store)
+        self.dir = f"{STAGING}/{split}"  # inside the store
 
     def prepare(self, is_main: bool) -> None:
         """Main process only, before any shard is staged: mark the split incomplete, drop partial files."""
@@ -453,15 +469,13 @@ class SplitWriter:
         g = self.group.require_group(self.split)
         g.attrs.update({"complete": False})
         _register_split(self.group, self.split)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".*.tmp"):
-            stale.unlink()  # a killed process's half-written shard; recomputed below
+        self.where.remove_temporaries(self.dir)  # a killed process's half-written shard; recomputed
 
-    def part(self, shard: int) -> Path:
-        return self.dir / f"{shard:06d}.npz"
+    def part(self, shard: int) -> str:
+        return f"{self.dir}/{shard:06d}.npz"
 
     def missing(self, shards: Sequence[int]) -> list[int]:
-        return [s for s in shards if not self.part(s).is_file()]
+        return [s for s in shards if not self.where.exists(self.part(s))]
 
     def stage(self, shard: int, image: np.ndarray, labels: np.ndarray, keys: Sequence[str], skipped: Sequence[str],
               extra_views: np.ndarray | None = None):
@@ -472,11 +486,15 @@ class SplitWriter:
             if np.shape(extra_views) != want:
                 raise ValueError(f"shard {shard}: {self.extra.name} is {np.shape(extra_views)}, expected {want}")
             arrays[self.extra.name] = np.asarray(extra_views, dtype=self.dtype)
-        with atomic_path(self.part(shard)) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())  # the rename below is the "done" record: data must be on disk first
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        self.where.write(self.part(shard), buffer.getvalue())
+
+    @contextlib.contextmanager
+    def _load(self, shard: int):
+        """The staged arrays of ``shard``, each read only when used (the counts need the labels alone)."""
+        with self.where.open(self.part(shard)) as f, np.load(f) as arrays:
+            yield arrays
 
     def finish(self, embed_dim: int, rank: int = 0, world_size: int = 1,
                barrier: Callable[[], None] = lambda: None) -> None:
@@ -490,7 +508,7 @@ class SplitWriter:
             raise RuntimeError(f"split '{self.split}': shards {missing[:5]} were not staged")
         counts, skipped = [], []
         for s in range(self.num_shards):
-            with np.load(self.part(s)) as p:
+            with self._load(s) as p:
                 counts.append(len(p["label"]))
                 skipped += [str(k) for k in p["skipped"]]
         total = sum(counts)
@@ -517,7 +535,7 @@ class SplitWriter:
             s = int(np.searchsorted(offsets, lo, side="right")) - 1
             while s < self.num_shards and offsets[s] < hi:
                 a, b = max(lo, offsets[s]) - offsets[s], min(hi, offsets[s + 1]) - offsets[s]
-                with np.load(self.part(s)) as p:
+                with self._load(s) as p:
                     for name, (_, _, axis) in arrays.items():
                         block[name].append(p[name][(slice(None),) * axis + (slice(a, b),)])
                 s += 1
@@ -534,6 +552,6 @@ class SplitWriter:
 
     def remove_staging(self) -> None:
         """Drop the staged shards of a complete split (also left behind by a kill right after ``complete``)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
-        if self.dir.parent.is_dir() and not any(self.dir.parent.iterdir()):
-            self.dir.parent.rmdir()
+        self.where.remove(self.dir)
+        if self.where.is_empty(STAGING):
+            self.where.remove(STAGING)

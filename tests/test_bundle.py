@@ -13,11 +13,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.encode import text_embeddings
 from pipeline.errors import UserError
 from stages.adapter import TrainConfig, train_adapter
 from stages.bundle import Bundle, export
 from stages.evaluate import evaluate
-from stages.extract import extract, text_embeddings
+from stages.extract import extract
 from store.features import FeatureStore, write_store
 from store.shards import load_dataset, read_shard
 
@@ -119,13 +120,19 @@ def test_predict_cli_reports_bad_files(run, tmp_path):
     assert r.stdout.splitlines()[1].split()[0] == "1" and len(r.stdout.splitlines()) == 2 * 3
 
 
-def test_mismatched_parts_are_refused(run, tmp_path):
+def test_a_checkpoint_the_store_was_not_extracted_from_is_refused(run, tmp_path):
     other = torch.load(run.ckpt, weights_only=True)
     other["logit_scale"] += 1
     torch.save(other, tmp_path / "other.pt")
     with pytest.raises(UserError, match="other.pt: not the checkpoint .* was extracted from"):
         export(tmp_path / "other.pt", str(run.adapter), run.features, tmp_path / "b")
 
+    r = CliRunner().invoke(main, ["export", "--ckpt", str(tmp_path / "other.pt"), "--adapter", str(run.adapter),
+                                  "--features", str(run.features), "--out", str(tmp_path / "b")])
+    assert r.exit_code != 0 and r.stderr.startswith("Error: ") and len(r.stderr.splitlines()) == 1
+
+
+def test_an_adapter_trained_on_another_store_is_refused(run, tmp_path):
     store = FeatureStore.open(run.features)
     names = [f"thing {i}" for i in range(store.num_classes)]
     feats = np.random.default_rng(0).normal(size=(60, store.embed_dim)).astype(np.float32)
@@ -137,11 +144,18 @@ def test_mismatched_parts_are_refused(run, tmp_path):
     with pytest.raises(UserError, match=r"elsewhere.pt: trained on another feature store .*classnames_sha256"):
         export(run.ckpt, str(tmp_path / "elsewhere.pt"), run.features, tmp_path / "b")
 
+
+def test_a_folder_that_is_not_a_bundle_is_neither_overwritten_nor_loaded(run, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="taken: exists and is not a bundle"):
         export(run.ckpt, str(run.adapter), run.features, tmp_path / "taken")
+    assert [f.name for f in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    with pytest.raises(UserError, match="not a bundle"):
+        Bundle.load(tmp_path / "taken")
 
+
+def test_a_head_from_another_bundle_is_refused(run, tmp_path):
     zero_shot = tmp_path / "zero.bundle"
     export(run.ckpt, "none", run.features, zero_shot)
     assert json.loads((zero_shot / "bundle.json").read_text())["adapter"] is None
@@ -150,12 +164,6 @@ def test_mismatched_parts_are_refused(run, tmp_path):
     shutil.copy(zero_shot / "head.safetensors", mixed / "head.safetensors")
     with pytest.raises(UserError, match="head.safetensors: does not belong to this bundle"):
         Bundle.load(mixed)
-    with pytest.raises(UserError, match="not a bundle"):
-        Bundle.load(tmp_path / "taken")
-
-    r = CliRunner().invoke(main, ["export", "--ckpt", str(tmp_path / "other.pt"), "--adapter", str(run.adapter),
-                                  "--features", str(run.features), "--out", str(tmp_path / "b")])
-    assert r.exit_code != 0 and r.stderr.startswith("Error: ") and len(r.stderr.splitlines()) == 1
 
 
 def test_classes_file_replaces_or_adds_names(run, tmp_path):

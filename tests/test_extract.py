@@ -21,10 +21,13 @@ from PIL import Image
 
 import store.features as features
 from pipeline.cli import main
+from pipeline.encode import split_transform
 from pipeline.errors import UserError
 from pipeline.runtime import sha256_file
-from stages.extract import (MAX_TRAIN_VIEWS, TEST_VIEWS, TrainViews, extract, resolve_templates, split_transform,
-                            tta_views, view_rng_seed)
+from pipeline.views import TEST_VIEWS, TrainViews, tta_views, view_rng_seed
+from stages.extract import extract
+from stages.extract_config import MAX_TRAIN_VIEWS
+from stages.extract_meta import resolve_templates
 from store.features import FeatureStore
 from store.shards import load_dataset, read_shard, write_shard
 
@@ -38,11 +41,12 @@ from pipeline.cli import main
 
 features.CHUNK_ROWS = {chunk_rows}
 if sys.argv[1] == "kill-staging":  # SIGKILL right after the second finished train shard
-    stage = features.SplitWriter.stage
+    stage, staged = features.SplitWriter.stage, []
 
     def stage_then_die(self, *args, **kw):
         stage(self, *args, **kw)
-        if len(list(self.dir.glob("*.npz"))) == 2:
+        staged.append(args[0])
+        if len(staged) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
 
     features.SplitWriter.stage = stage_then_die

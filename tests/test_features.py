@@ -92,10 +92,11 @@ def test_split_writer_refuses_unfinished_then_writes_in_shard_order(tmp_path, mo
     monkeypatch.setattr(features, "CHUNK_ROWS", 7)  # several chunks, crossing shard boundaries
     group = create_store(tmp_path / "s.zarr", _attrs())
     writer = SplitWriter(group, "train", 5, "float16")
+    staging = tmp_path / "s.zarr" / features.STAGING / "train"
+    staging.mkdir(parents=True)
+    (staging / ".000003.npz.abc.tmp").write_bytes(b"half a shard")  # a killed writer's
     writer.prepare(is_main=True)
-    (writer.dir / ".000003.npz.abc.tmp").write_bytes(b"half a shard")
-    writer.prepare(is_main=True)
-    assert not list(writer.dir.glob(".*.tmp"))
+    assert not list(staging.glob(".*.tmp"))
     expect = _stage_parts(writer, np.random.default_rng(3), [9, 0, 4, 13, 5])
     with pytest.raises(UserError, match=r"incomplete.*`ballad-pipe extract --out x --splits train` finishes it"):
         FeatureStore.open(tmp_path / "s.zarr").features("train")
@@ -144,6 +145,16 @@ def test_create_store_resumes_same_run_and_refuses_another(tmp_path):
     (tmp_path / "junk" / "file").write_text("x")
     with pytest.raises(UserError, match="not a feature store"):
         create_store(tmp_path / "junk", _attrs())
+
+
+def test_a_split_keeps_one_decode_path_while_other_splits_may_differ(tmp_path):
+    """GPU-decoded pixels differ slightly from PIL's: a resumed split must not mix the two paths."""
+    path = tmp_path / "s.zarr"
+    create_store(path, {**_attrs(), "decode": {"train": "cpu"}})
+    with pytest.raises(UserError, match="another --decode for split train"):
+        create_store(path, {**_attrs(), "decode": {"train": "gpu"}})
+    extended = create_store(path, {**_attrs(), "decode": {"test": "gpu"}})
+    assert dict(extended.attrs["decode"]) == {"train": "cpu", "test": "gpu"}
 
 
 def test_plain_zarr_reads_the_documented_layout(tmp_path):

@@ -43,7 +43,7 @@ def predict(bundle_path, inputs, top_k, batch_size, device, classes, add_classes
 
     from pipeline.errors import UserError
     from stages.bundle import Bundle, image_files, predict_files, read_classes
-    from stages.extract import check_test_views
+    from pipeline.views import check_test_views
 
     check_test_views(tta, "--tta")
     paths = image_files(inputs)

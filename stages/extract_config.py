@@ -1,0 +1,66 @@
+"""extract's options: ``ExtractConfig``, the one source of their defaults, choices, help and checks.
+
+Kept free of torch so that the command line builds ``ballad-pipe extract``'s options from it without
+importing torch (``--help`` stays fast). Each field's metadata names its command-line flag
+(pipeline/options.py), so the CLI and the checks' error messages use the same names.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass
+
+from pipeline.options import DEVICE, DEVICE_HELP, check_choices, option, refuse
+from pipeline.views import TEST_VIEWS, check_test_views
+from store.stream import DECODE_HELP, DECODES
+
+DTYPES = ("float16", "float32")
+MAX_TRAIN_VIEWS = 1024
+
+
+@dataclass
+class ExtractConfig:
+    ckpt: str | None = option(MISSING, "--ckpt", "Phase A checkpoint (final.pt), or `none` for the model as the "
+                                                 "factory builds it.", kind=str, none=True)
+    data: str = option(MISSING, "--data", "Shard directory written by `prepare`.", path="any")
+    out: str = option(MISSING, "--out", "The store, e.g. features/NAME.zarr.", path="any")
+    model: str | None = option(None, "--model", "open_clip architecture; default: the one in the checkpoint's "
+                                                "final.json.", kind=str)
+    pretrained: str | None = option(None, "--pretrained", "open_clip weight tag (with --ckpt none), recorded as "
+                                                          "provenance otherwise.", kind=str)
+    splits: str | list | None = option(None, "--splits", "Comma-separated splits; default: all of the dataset's.",
+                                       kind=str)
+    batch_size: int = option(256, "--batch-size", "Images per forward pass.")
+    workers: int | None = option(None, "--workers", "DataLoader processes reading shards, per rank (default: the "
+                                                    "free cores, at most 8; 0 reads in the main process).", kind=int)
+    dtype: str = option("float16", "--dtype", "Storage type of image features.", DTYPES)
+    templates: str = option("single", "--templates", "`single` (the dataset's template), `ensemble` (CLIP's 7) or "
+                                                     "a file with one per line.")
+    device: str = option(DEVICE, "--device", DEVICE_HELP)
+    decode: str = option("auto", "--decode", DECODE_HELP, DECODES)
+    strict: bool = option(False, "--strict", "Fail on the first unreadable image instead of skipping it.")
+    overwrite: bool = option(False, "--overwrite", "Replace a store made with another model, checkpoint or dataset.")
+    train_views: int = option(0, "--train-views", f"Random train-transform views stored per train image, for "
+                                                  f"Phase B (0 to {MAX_TRAIN_VIEWS}).")
+    view_seed: int = option(0, "--view-seed", "Seed of the train views (each view's randomness: this seed, the "
+                                              "sample key, the view index).")
+    test_views: str = option("none", "--test-views", "Test-time views stored per val/test image (LIFT's five-crop "
+                                                     "and ten-crop; flip: the centre crop and its mirror image).",
+                             tuple(TEST_VIEWS))
+
+    def check(self) -> None:
+        """Every option in range before any work starts: a one-line UserError naming the first one that is not."""
+        rules = (("batch_size", self.batch_size >= 1, "must be at least 1"),
+                 ("workers", self.workers is None or self.workers >= 0, "must be 0 (read in the main process) or more"),
+                 ("train_views", 0 <= self.train_views <= MAX_TRAIN_VIEWS,
+                  f"must be between 0 (none) and {MAX_TRAIN_VIEWS}"),
+                 ("view_seed", self.view_seed >= 0, "must be 0 or more"))
+        for name, ok, why in rules:
+            if not ok:
+                refuse(self, name, why)
+        check_test_views(self.test_views, "--test-views")
+        check_choices(self, ("dtype", "decode"))
+
+    def split_list(self) -> list[str] | None:
+        """``--splits`` as a list (None: all of the dataset's); Python callers may pass a list."""
+        if isinstance(self.splits, str):
+            return [s.strip() for s in self.splits.split(",") if s.strip()] or None
+        return list(self.splits) if self.splits else None

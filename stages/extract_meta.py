@@ -1,0 +1,121 @@
+"""What a feature store records about how it was made: the checkpoint and templates an extract run
+resolves from its options, the store's root attributes, and the command that reproduces it
+(readers name that command for an unfinished split)."""
+from __future__ import annotations
+
+import json
+import shlex
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.options import none_to_null
+from pipeline.text import ENSEMBLE_TEMPLATES
+from stages.extract_config import ExtractConfig
+from store.features import FORMAT, make_fingerprint
+
+
+def resolve_templates(spec: str, dataset_template: str) -> list[str]:
+    """`single` (the dataset's template), `ensemble` (CLIP's, as in the paper) or a file of one per line."""
+    if spec == "single":
+        return [dataset_template]
+    if spec == "ensemble":
+        return list(ENSEMBLE_TEMPLATES)
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(f"--templates {spec}: not 'single', 'ensemble' or an existing file")
+    found = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ok = line.count("{}") == 1 and line.format("x") is not None
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"{path}:{lineno}: a template needs exactly one '{{}}' for the class name, got {line!r}")
+        found.append(line.strip())
+    if not found:
+        raise UserError(f"{path}: no templates in file")
+    return found
+
+
+def resolve_checkpoint(ckpt: str | None, model: str | None, pretrained: str | None):
+    """(checkpoint path or None, model name, pretrained tag); checks --model against the checkpoint's final.json.
+    ``ckpt`` None: no checkpoint, the factory's weights."""
+    if ckpt is None:
+        if model is None:
+            raise UserError("--model is required with --ckpt none")
+        return None, model, pretrained
+    path = Path(ckpt)
+    if not path.is_file():
+        raise UserError(f"--ckpt {ckpt}: no such checkpoint file (or pass --ckpt none for the factory's weights)")
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            info = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{sidecar}: malformed checkpoint description ({e})") from None
+        trained = info.get("model")
+        if model is not None and trained is not None and model != trained:
+            raise UserError(f"--model {model}: checkpoint {ckpt} is a {trained} (per {sidecar.name}); "
+                            f"pass --model {trained}")
+        model = model or trained
+        pretrained = pretrained or none_to_null(info.get("pretrained"))  # older final.json files hold "none"
+    if model is None:
+        raise UserError(f"--model is required: {ckpt} has no {sidecar.name} naming its architecture")
+    return path, model, pretrained
+
+
+def store_attrs(backbone, dataset, ckpt_path, pretrained, cfg: ExtractConfig, templates, decode: dict) -> dict:
+    """Root attributes. The view seed and the train transform are recorded only with train views
+    (without them they change nothing in the store); ``decode`` says where each split of this run
+    is decoded (``cpu`` or ``gpu``, --decode)."""
+    from pipeline.runtime import sha256_file
+
+    ckpt_sha = sha256_file(ckpt_path) if ckpt_path else None
+    train = dataset.splits.get("train")
+    with_views = cfg.train_views > 0
+    return {
+        "format": FORMAT,
+        "fingerprint": make_fingerprint(backbone.name, pretrained, ckpt_sha, dataset.classnames, backbone.embed_dim),
+        "model": backbone.name, "pretrained": pretrained,
+        "checkpoint": str(ckpt_path) if ckpt_path else None, "checkpoint_sha256": ckpt_sha,
+        "embed_dim": backbone.embed_dim, "logit_scale": float(backbone.model.logit_scale.exp().item()),
+        "classnames": list(dataset.classnames),
+        "train_class_counts": list(train.class_counts) if train else [0] * dataset.num_classes,
+        "dataset": {"name": dataset.name, "path": str(dataset.root)}, "dataset_fingerprint": dataset.fingerprint,
+        "dtype": cfg.dtype, "templates": templates, "image_size": backbone.image_size,
+        "transform": repr(backbone.eval_transform), "train_views": cfg.train_views,
+        "view_seed": cfg.view_seed if with_views else None,
+        "train_transform": repr(backbone.train_transform) if with_views else None,
+        "test_views": cfg.test_views, "decode": decode, "versions": _versions(),
+        "command": command(cfg, backbone.name, pretrained),
+    }
+
+
+def _versions() -> dict:
+    out = {}
+    for pkg in ("ballad-pipe", "torch", "torchvision", "open_clip_torch", "zarr", "numpy", "webdataset"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def command(cfg: ExtractConfig, model: str, pretrained: str | None) -> str:
+    """The command (less --splits) that reproduces this store; readers name it for an unfinished split."""
+    ckpt = none_to_null(cfg.ckpt)
+    args = ["ballad-pipe", "extract", "--ckpt", "none" if ckpt is None else str(ckpt), "--data", str(cfg.data),
+            "--out", str(cfg.out), "--model", model]
+    if pretrained:
+        args += ["--pretrained", pretrained]
+    args += ["--dtype", cfg.dtype, "--templates", cfg.templates]
+    if cfg.train_views:
+        args += ["--train-views", str(cfg.train_views), "--view-seed", str(cfg.view_seed)]
+    if cfg.test_views != "none":
+        args += ["--test-views", cfg.test_views]
+    if cfg.decode != "auto":
+        args += ["--decode", cfg.decode]
+    return shlex.join(args)
