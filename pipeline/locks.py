@@ -5,7 +5,8 @@ inside it: DVC caches output directories whole (a lock file inside would become 
 ``extract --overwrite`` replaces the store directory while it holds the lock. The kernel releases an
 ``flock`` when its process dies, so a SIGKILL never leaves a stale lock behind; the file itself may
 stay and means nothing without a holder. The holder writes its PID into the file so that a second
-writer can name it. Readers never take the lock and never wait.
+writer can name it. Readers never take the lock and never wait. A feature store at a URL, where there
+is no ``flock``, is locked by a lock object instead (``store.location.write_lock``).
 """
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.prior import log_prior
-from pipeline.runtime import atomic_path, cpu_threads_for, pick_device, progress
+from pipeline.runtime import cpu_threads_for, pick_device, progress, save_torch
 from pipeline.schedule import epoch_lr
 from stages.adapter_config import TrainConfig
 from stages.samplers import EpochSampler
@@ -187,10 +187,11 @@ def fill_epoch_views(rows: torch.Tensor, views: Views, gen: torch.Generator) -> 
 
 def fit(feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: float, cfg: TrainConfig,
         desc: str = "adapter", val: tuple[torch.Tensor, torch.Tensor] | None = None,
-        views: Views | None = None) -> Fitted:
+        views: Views | None = None, on_epoch: Callable[[int, dict], None] | None = None) -> Fitted:
     """Train on tensors already on the training device; ``val``: (features, labels) scored after every
     epoch, which ``cfg.select`` may use to choose the epoch whose weights are returned; ``views``: the
-    augmented train views every draw picks from (None: every draw reads ``feats``)."""
+    augmented train views every draw picks from (None: every draw reads ``feats``); ``on_epoch(epoch,
+    {"train/loss", "train/lr", "val/top1"})`` after every epoch (1-based; val/top1 None without val)."""
     cfg.check()
     select = cfg.resolved_select(val is not None, "the data given to fit")
     if cfg.epochs == 1 and cfg.schedule == "authors":
@@ -258,6 +259,9 @@ def fit(feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: fl
                 if select == "best-val" and (best is None or val_acc[-1] > val_acc[best[0] - 1]):  # ties: the earlier
                     best = (epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
             bar.set_postfix(loss=f"{losses[-1]:.4f}", val=f"{val_acc[-1]:.2f}" if val_acc else "–")
+            if on_epoch is not None:
+                on_epoch(epoch + 1, {"train/loss": losses[-1], "train/lr": rate,
+                                     "val/top1": val_acc[-1] if val_acc else None})
     if best is not None:
         model.load_state_dict(best[1])
     return Fitted(model.eval(), losses, val_acc, select, best[0] if best is not None else cfg.epochs)
@@ -330,17 +334,26 @@ def training_data(store, cfg: TrainConfig, device, max_view_bytes: int | None = 
     return feats, labels, store.text_embeddings(device=device), val, views
 
 
+def live_dir(out: str | Path) -> Path:
+    """Where ``train_adapter`` logs its epochs for dvclive: beside the adapter file (adapter.pt → adapter.dvclive)."""
+    return Path(out).with_suffix(".dvclive")
+
+
 def train_adapter(features: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(),
                   device: str | None = None, max_view_bytes: int | None = None) -> dict:
     """Train on the store's train split, score its val split (if complete) every epoch, and save the kept
-    epoch's adapter with the config, the per-epoch record and the store's fingerprint."""
+    epoch's adapter with the config, the per-epoch record and the store's fingerprint. Every epoch's
+    loss, learning rate and val top-1 go to dvclive's files in ``live_dir(out)`` as it ends."""
+    from pipeline.live import LiveLog
     from store.features import FeatureStore
 
     cfg.check()
     store = FeatureStore.open(features)
     dev = pick_device(device)
     feats, labels, text, val, views = training_data(store, cfg, dev, max_view_bytes)
-    fitted = fit(feats, labels, text, store.logit_scale, cfg, val=val, views=views)
+    live = LiveLog(live_dir(out))
+    fitted = fit(feats, labels, text, store.logit_scale, cfg, val=val, views=views, on_epoch=live.log)
+    live.log(cfg.epochs, {"selected_epoch": fitted.selected_epoch}, plot=False)
     model = fitted.model
     blob = {"format": FORMAT, "dim": model.dim, "config": asdict(cfg), "fingerprint": dict(store.fingerprint),
             "views": "all" if views else "none", "num_views": views.count if views else 0,
@@ -349,8 +362,7 @@ def train_adapter(features: str | Path, out: str | Path, cfg: TrainConfig = Trai
             "selected_epoch": fitted.selected_epoch, "val_acc": fitted.val_acc, "num_train": len(labels),
             "num_val": len(val[1]) if val is not None else 0,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    with atomic_path(out) as tmp:
-        torch.save(blob, tmp)
+    save_torch(blob, out)
     log.info("adapter: %d train features, kept epoch %d of %d (%s) → %s", len(labels), fitted.selected_epoch,
              cfg.epochs, fitted.select, out)
     return blob

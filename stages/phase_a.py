@@ -78,12 +78,14 @@ import torch.nn.functional as F
 
 from pipeline.distributed import cleanup, device_for, init_distributed
 from pipeline.errors import UserError
+from pipeline.live import LiveLog
 from pipeline.locks import exclusive_lock
 from pipeline.models import check_model_name, create_model, image_tower
 from pipeline.peft import HEAD_KEY, TRANSFORMER_TUNES, add_tuning, export_state_dict, mark_trainable, needs_blocks
 from pipeline.prior import log_prior
 from pipeline.provenance import source_digest
-from pipeline.runtime import atomic_path, autocast, pick_device, progress, seed_everything, sha256_file, write_json
+from pipeline.runtime import (atomic_path, autocast, pick_device, progress, save_torch, seed_everything, sha256_file,
+                              write_json)
 from pipeline.schedule import epoch_lr
 from pipeline.shots import group_means
 from pipeline.text import class_prompts, encode_text, tokenize_trimmed
@@ -91,8 +93,10 @@ from stages.phase_a_config import (BATCHNORM_MODES, CLASSIFIERS, LOSSES, OPTIMIZ
                                    SCHEDULES, SELECT_MODES, TUNES, PhaseAConfig)
 from stages.phase_a_data import BadSampleCounter, check_shards, eval_batches, train_batches
 from store.shards import DATASET_FILE, load_dataset
+from store.stream import decode_on_device
 
 log = logging.getLogger("ballad.phase_a")
+LIVE_DIR = "dvclive"  # in --out: the step and epoch metrics as dvclive writes them, while the run trains
 
 
 
@@ -193,10 +197,10 @@ def train_step(net, tokens, micro_batches, scale: float, bias: torch.Tensor | No
 
 @torch.no_grad()
 def split_accuracy(towers: Towers, tokens, urls, transform, *, samples: int, batch: int, workers: int, train_counts,
-                   channels_last: bool = False, desc: str = "accuracy") -> dict:
+                   channels_last: bool = False, desc: str = "accuracy", decode_on=None) -> dict:
     """Top-1 accuracy of the model's own classifier (prompts or head; plain logits) on the first
     ``samples`` images of a split, overall (``top1``) and per shot group; evaluated in eval mode, the
-    model's mode restored after."""
+    model's mode restored after. ``decode_on``: the device that decodes (``--decode gpu``), or None."""
     device, k = tokens.device, len(train_counts)
     training = towers.training
     towers.eval()
@@ -204,7 +208,8 @@ def split_accuracy(towers: Towers, tokens, urls, transform, *, samples: int, bat
         text = F.normalize(towers.classes(tokens).float(), dim=-1)
         correct, seen = torch.zeros(k), torch.zeros(k)
         with progress(desc=desc, total=samples, unit="img") as bar:
-            for images, labels in eval_batches(urls, transform, batch=batch, workers=workers, limit=samples):
+            for images, labels in eval_batches(urls, transform, batch=batch, workers=workers, limit=samples,
+                                               decode_on=decode_on):
                 image = towers.image(_to_device(images, device, channels_last))
                 pred = (F.normalize(image.float(), dim=-1) @ text.T).argmax(1).cpu()
                 seen += torch.bincount(labels, minlength=k)
@@ -326,6 +331,15 @@ def _read_log(path: Path, upto: int) -> list[dict]:
     return rows
 
 
+def live_values(row: dict) -> dict:
+    """A train_log.jsonl row as dvclive metrics: ``train/loss``, ``train/lr``, ``train/images_per_s`` per
+    step; ``val/top1`` (and ``val/many``, ``val/medium``, ``val/few``) per validation; ``test/…`` alike."""
+    if "loss" in row:
+        return {f"train/{k}": row[k] for k in ("loss", "lr", "images_per_s")}
+    split = "val" if "val_acc" in row else "test"
+    return {f"{split}/top1": row[f"{split}_acc"], **{f"{split}/{g}": row[g] for g in ("many", "medium", "few")}}
+
+
 def _loader_error(e: UserError) -> UserError:
     # A DataLoader worker's error comes back with its traceback in the message; keep the one line that matters.
     return UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1])
@@ -345,9 +359,10 @@ def run_phase_a(cfg: PhaseAConfig) -> Path:
     dist = init_distributed(device_type)
     try:
         urls = check_shards(info, "train")
+        on_device = decode_on_device(cfg.decode, torch.device(device_type), urls)
         _check_world(cfg, info, urls, dist.world_size)
         with exclusive_lock(cfg.out, what="--out") if dist.is_main else contextlib.nullcontext():
-            return _Run(cfg, info, dist, urls, select).train()
+            return _Run(cfg, info, dist, urls, select, on_device).train()
     finally:
         cleanup(dist)
 
@@ -355,7 +370,7 @@ def run_phase_a(cfg: PhaseAConfig) -> Path:
 class _Run:
     """One process's share of a Phase A run: built (or resumed from last.pt), trained, written out."""
 
-    def __init__(self, cfg: PhaseAConfig, info, dist, urls: list[str], select: str):
+    def __init__(self, cfg: PhaseAConfig, info, dist, urls: list[str], select: str, decode_on_device: bool):
         self.cfg, self.info, self.dist, self.urls, self.select = cfg, info, dist, urls, select
         self.val_urls = check_shards(info, "val") if select == "best-val" else []
         self.test_urls = check_shards(info, "test") if cfg.eval_every else []
@@ -370,6 +385,7 @@ class _Run:
         out.mkdir(parents=True, exist_ok=True)
         self.last_path, self.best_path, self.log_path = out / "last.pt", out / "best.pt", out / "train_log.jsonl"
         self.device = device_for(dist, cfg.device)
+        self.decode_on = self.device if decode_on_device else None  # --decode gpu: images decoded here
         ckpt = resume_state(cfg, self.last_path, info.fingerprint)
 
         bb, self.channels_last = _build_model(cfg, self.device)
@@ -398,6 +414,12 @@ class _Run:
         if dist.is_main:
             with atomic_path(self.log_path) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        # The same rows as dvclive's files (pipeline/live.py), rebuilt from those the run keeps: a resumed
+        # run's plots hold every step once, as an uninterrupted run's do.
+        self.live = LiveLog(out / LIVE_DIR, enabled=dist.is_main)
+        for row in self.rows:
+            self.live.log(row["step"], live_values(row), sync=False)
+        self.live.log(self.step, {})
         set_batchnorm(self.towers, self.mode)
         self.net = self.towers
         if dist.enabled:
@@ -462,10 +484,12 @@ class _Run:
                 batches = train_batches(self.urls, self.bb.train_transform, seed=cfg.seed, epoch=epoch,
                                         micro_batch=self.micro, workers=self.workers, shuffle_buffer=cfg.shuffle_buffer,
                                         distributed=dist.enabled, consumed=in_epoch * self.accum, strict=cfg.strict,
-                                        on_bad=self.bad, pin_memory=device.type == "cuda")
+                                        on_bad=self.bad, pin_memory=device.type == "cuda",
+                                        decode_on=self.decode_on)
             try:
                 micro_batches = [next(batches) for _ in range(self.accum)]
             except UserError as e:  # --strict and a bad sample
+                batches.close()  # now, not when collected: a DataLoader's shutdown waits for each worker
                 raise _loader_error(e) from None
             self._check_labels(micro_batches)
             loss = train_step(self.net, self.tokens, [(_to_device(x, device, self.channels_last),
@@ -518,7 +542,7 @@ class _Run:
     def _accuracy(self, split: str, urls, samples: int) -> dict:
         return split_accuracy(self.towers, self.tokens, urls, self.bb.eval_transform, samples=samples, batch=self.micro,
                               workers=self.cfg.workers, train_counts=self.info.split("train").class_counts,
-                              channels_last=self.channels_last, desc=f"phase-a {split}")
+                              channels_last=self.channels_last, desc=f"phase-a {split}", decode_on=self.decode_on)
 
     def _validate(self, epoch: int) -> bool:
         """Top-1 on the full val split (main process); a strictly better epoch becomes the best (ties keep
@@ -551,6 +575,7 @@ class _Run:
         if self.dist.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        self.live.log(row["step"], live_values(row))
 
     def _save_last(self) -> None:
         if self.dist.is_main:
@@ -558,8 +583,7 @@ class _Run:
                      "total_steps": self.total, "bad_samples": self.bad_samples, "best": self.best,
                      "rng": _rng_state(self.device), "config": asdict(self.cfg),
                      "dataset_fingerprint": self.info.fingerprint, "source_digest": source_digest()}
-            with atomic_path(self.last_path) as tmp:
-                torch.save(state, tmp)
+            save_torch(state, self.last_path)
 
     def _finish(self) -> Path:
         """Write final.pt (the selected epoch's weights as a state dict the factory loads; a plain open_clip
@@ -580,10 +604,8 @@ class _Run:
             if self.select == "best-val":
                 chosen = torch.load(self.best_path, map_location="cpu", weights_only=True)
                 state, epoch, val_acc = chosen["model"], chosen["epoch"], chosen["val_acc"]
-            with atomic_path(final) as tmp:
-                torch.save(export_state_dict(state), tmp)
+            save_torch(export_state_dict(state), final)
             tests = [r for r in self.rows if "test_acc" in r and r["epoch"] == epoch]
-            _write_loss_csv(out / "train_log.csv", self.rows)
             write_json(out / "final.json", {
                 "model": cfg.model, "pretrained": cfg.pretrained,
                 "dataset": {"name": self.info.name, "fingerprint": self.info.fingerprint, "path": str(self.info.root)},
@@ -636,16 +658,5 @@ def make_optimizer(cfg: PhaseAConfig, model) -> torch.optim.Optimizer:
 
 
 def _save_best(path: Path, state_dict, best: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"model": state_dict, **best}, tmp)
+    save_torch({"model": state_dict, **best}, path)
 
-
-def _write_loss_csv(path: Path, rows: list[dict]) -> None:
-    """The training rows of train_log.jsonl as CSV: `dvc plots` reads CSV and JSON, not JSON lines."""
-    import csv
-
-    fields = ("step", "epoch", "loss", "lr", "images_per_s")
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(r for r in rows if "loss" in r)

@@ -285,6 +285,7 @@ def _train(cfg: PretrainConfig, out: Path, device) -> Path:
 
     from pipeline.models import create_model
     from pipeline.provenance import source_digest
+    from pipeline.live import LiveLog
     from pipeline.runtime import progress, save_torch, seed_everything, sha256_file, write_json
     from pipeline.text import DEFAULT_TEMPLATE, class_prompts, encode_text, tokenize_trimmed
     from stages import shapes
@@ -308,10 +309,13 @@ def _train(cfg: PretrainConfig, out: Path, device) -> Path:
     tokens = vocab.tokens(tokens)
     opt = make_optimizer(cfg, model)
     step, history = 0, []
+    live = LiveLog(out / "dvclive")  # the curve `dvc plots` shows, while it trains
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
         log.info("resuming %s at step %d of %d", out, step, cfg.steps)
+        for i, row in enumerate(history, 1):  # the rows up to the checkpoint, each once
+            _log_row(live, i, row, sync=i == len(history))
     loss_fn = ClipLoss()
     model.train()
 
@@ -338,6 +342,7 @@ def _train(cfg: PretrainConfig, out: Path, device) -> Path:
                 model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
             step += 1
             history.append([round(value, 5), lr, round(model.logit_scale.detach().exp().item(), 4)])
+            _log_row(live, step, history[-1])
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", refresh=False)
             bar.update()
             if step % cfg.save_every == 0 or step == cfg.steps:
@@ -351,7 +356,6 @@ def _train(cfg: PretrainConfig, out: Path, device) -> Path:
              zero_shot["classes"], zero_shot["demo_top1"], zero_shot["demo_classes"])
     final = out / "final.pt"
     save_torch(model.state_dict(), final)
-    _write_log_csv(out / "train_log.csv", history)
     write_json(out / "final.json", {
         "model": cfg.model, "checkpoint": final.name, "sha256": sha256_file(final), "steps": cfg.steps,
         "epochs": round(cfg.steps * cfg.batch_size / cfg.corpus_size, 2), "final_loss": history[-1][0],
@@ -364,10 +368,7 @@ def _train(cfg: PretrainConfig, out: Path, device) -> Path:
     return final
 
 
-def _write_log_csv(path: Path, history: list) -> None:
-    """step, loss, lr, logit_scale per step: the curve `dvc plots` shows."""
-    from pipeline.runtime import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text("step,loss,lr,logit_scale\n" + "".join(f"{i},{loss},{lr:.6g},{scale}\n"
-                                                               for i, (loss, lr, scale) in enumerate(history, 1)))
+def _log_row(live, step: int, row: list, sync: bool = True) -> None:
+    """One step's loss, learning rate and logit scale (a row of ``history``) into dvclive's files."""
+    loss, lr, scale = row
+    live.log(step, {"loss": loss, "lr": lr, "logit_scale": scale}, sync=sync)

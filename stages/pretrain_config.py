@@ -7,12 +7,10 @@ the CLI and the checks' error messages use the same names. The defaults are the 
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
-from pipeline.errors import UserError
-from pipeline.options import DEVICE, DEVICE_HELP, option
+from pipeline.options import DEVICE, DEVICE_HELP, check_finite, option, refuse
 
 SEED_MAX = 2**32 - 1
 
@@ -28,7 +26,7 @@ class PretrainConfig:
 
     model: str = option("ballad-tiny", "--model", "Architecture to pretrain: ballad-tiny or any factory name.")
     out: str = option("checkpoints/pretrain", "--out", "Output directory: final.pt, final.json, last.pt, "
-                                                      "train_log.csv.", path="dir")
+                                                      "dvclive/ (the loss curve).", path="dir")
     corpus_size: int = option(10000, "--corpus-size", "Captioned images rendered once and looped over.")
     steps: int = option(700, "--steps", "Optimizer steps.")
     batch_size: int = option(128, "--batch-size", "Image–caption pairs per step (the contrastive batch).")
@@ -46,25 +44,19 @@ class PretrainConfig:
 
     def check(self) -> None:
         """Every option in range before any work starts: a one-line UserError naming the flag."""
-        def refuse(name, rule):
-            raise UserError(f"{self.__dataclass_fields__[name].metadata['flag']} {getattr(self, name)}: must be {rule}")
-
         for name, low in (("corpus_size", 1), ("steps", 1), ("batch_size", 2), ("eval_size", 1), ("save_every", 1),
                           ("warmup", 0), ("workers", 0), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 why = " (a contrastive batch needs two pairs)" if name == "batch_size" else ""
-                refuse(name, f"a whole number ≥ {low}{why}")
+                refuse(self, name, f"must be a whole number ≥ {low}{why}")
         if self.seed > SEED_MAX:
-            refuse("seed", f"a whole number in [0, {SEED_MAX}]")
+            refuse(self, "seed", f"must be a whole number in [0, {SEED_MAX}]")
         if self.warmup >= self.steps:
-            refuse("warmup", f"fewer than --steps {self.steps}")
+            refuse(self, "warmup", f"must be fewer than --steps {self.steps}")
         if self.batch_size > self.corpus_size:
-            refuse("batch_size", f"at most --corpus-size {self.corpus_size}")
-        for name, ok, rule in (("lr", self.lr > 0, "finite and > 0"),
-                               ("weight_decay", self.weight_decay >= 0, "finite and ≥ 0")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (ok and math.isfinite(value)):
-                refuse(name, rule)
+            refuse(self, "batch_size", f"must be at most --corpus-size {self.corpus_size}")
+        check_finite(self, (("lr", self.lr > 0, "must be finite and > 0"),
+                            ("weight_decay", self.weight_decay >= 0, "must be finite and ≥ 0")))
         if not isinstance(self.out, str) or not self.out.strip():
-            refuse("out", "a directory")
+            refuse(self, "out", "must be a directory")

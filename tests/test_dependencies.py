@@ -26,3 +26,15 @@ def test_torch_has_fused_sgd_on_cpu():  # torch >= 2.4 (stages/adapter.py)
     w.sum().backward()
     opt.step()
     assert torch.equal(w.detach(), torch.full((3,), 0.5))
+
+
+def test_fsspec_pipe_file_creates_only_if_absent():  # fsspec >= 2024.12 (store/location.py: the lock object)
+    import fsspec
+
+    assert "mode" in inspect.signature(fsspec.AbstractFileSystem.pipe_file).parameters
+
+
+def test_dvclive_has_the_repository_hook_that_pipeline_live_replaces():  # dvclive 3.x (pipeline/live.py)
+    from dvclive import Live
+
+    assert callable(Live._init_dvc) and "dvcyaml" in inspect.signature(Live).parameters

@@ -1,6 +1,7 @@
 """The DVC pipeline end to end on a very small demo: every declared metric appears, changing only
 adapter.lambda re-runs only the adapter and the stages downstream of it, and `dvc exp show` compares
-experiments' metrics (the small metrics files are tracked by git, as DVC intends)."""
+experiments' metrics (the small metrics files, dvclive's training logs included, are tracked by git, as
+DVC intends)."""
 from __future__ import annotations
 
 import json
@@ -62,10 +63,19 @@ def test_dvc_repro_runs_every_stage_and_lambda_reruns_only_phase_b(tmp_path):
     from test_dvc_yaml import stages
 
     metrics = [next(iter(m)) for s in stages().values() for m in s.get("metrics", [])]
-    assert {"reports/ballad/metrics.json", "reports/phase_a/metrics.json", "reports/zero_shot/metrics.json"} <= set(metrics)
-    for m in metrics:
+    reports = [m for m in metrics if m.startswith("reports/")]
+    assert {"reports/ballad/metrics.json", "reports/phase_a/metrics.json", "reports/zero_shot/metrics.json"} <= set(reports)
+    for m in reports:
         values = json.loads((repo / m).read_text())
         assert {"top1", "top5", "many", "medium", "few", "ece", "num_test", "num_classes"} <= set(values)
+    # dvclive's files of Phase A (per step) and Phase B (per epoch), which `dvc plots` draws
+    assert set(metrics) - set(reports) == {"checkpoints/phase_a/dvclive/metrics.json", "models/adapter.dvclive/metrics.json"}
+    assert json.loads((repo / "models/adapter.dvclive/metrics.json").read_text())["step"] == 2
+    assert set(json.loads((repo / "checkpoints/phase_a/dvclive/metrics.json").read_text())["train"]) == {
+        "loss", "lr", "images_per_s"}
+    plots = _dvc(repo, "plots", "show", "--json")
+    assert "checkpoints/phase_a/dvclive/plots/metrics/train/loss.tsv" in plots
+    assert "models/adapter.dvclive/plots/metrics/train/loss.tsv" in plots
     assert (repo / "reports/sweep/sweep.json").is_file()
 
     _set_params(repo, {"adapter": {"lambda": 0.5}})
@@ -90,7 +100,9 @@ def test_dvc_repro_runs_every_stage_and_lambda_reruns_only_phase_b(tmp_path):
                 data = (rev.get("data") or {})
                 name = rev.get("name") or data.get("name") or data.get("rev")
                 metrics_data = data.get("metrics", {}).get("reports/ballad/metrics.json", {}).get("data")
-                if name and metrics_data:
-                    found[name] = metrics_data["top1"]
+                live = data.get("metrics", {}).get("models/adapter.dvclive/metrics.json", {}).get("data")
+                if name and metrics_data and live:
+                    found[name] = (metrics_data["top1"], live["train"]["loss"])  # git carries dvclive's files too
     assert {"lam0", "lam1"} <= set(found), rows
-    assert all(isinstance(v, float) for v in found.values())
+    assert all(isinstance(v, float) for pair in found.values() for v in pair)
+    assert found["lam0"][1] != found["lam1"][1]  # each experiment its own Phase B log
