@@ -6,7 +6,8 @@ into the same (path, label) lists) and CIFAR-100-LT cut from the official python
 source is turned into lazy sample specs first, so re-running after an interruption skips complete
 shards without generating, reading or decoding anything for them. Every option is checked before
 anything is read or written, and the writer holds the output's lock (pipeline/locks.py) for the
-whole run, so two runs never interleave their shards.
+whole run, so two runs never interleave their shards. Images keep their bytes unless ``--max-side``
+asks for smaller shards (``Shrink``).
 
 A fifth source writes no shards: `index` describes webdataset shards that exist already (local,
 http(s), pipe:, …) in a dataset.json that lists their URLs, after one scan for labels and counts.
@@ -109,17 +110,98 @@ def _absolute(path) -> str | None:
     return None if path is None else str(Path(path).absolute())
 
 
+# ---------------------------------------------------------------- --max-side: smaller shards
+JPEG_QUALITY = 90  # --jpeg-quality's default: visually lossless for photos, about a third of quality 100's bytes
+JPEG_MAX_SIDE = 65500  # the largest side libjpeg (and so Pillow) can write
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+@dataclass(frozen=True)
+class Shrink:
+    """``--max-side S --jpeg-quality Q``: an image whose longer side exceeds S is stored at S on that side
+    (aspect kept) as a JPEG of quality Q; every other image keeps its bytes, as without the option.
+
+    Decoding, not the model, bounds Phase A on a GPU (README), and a JPEG's decode time grows with its
+    pixels, so images stored nearer the model's input size decode faster and the shards shrink with
+    them (docs/data.md, docs/performance.md). The filter is Lanczos, Pillow's sharpest antialiasing
+    one: the train and eval transforms resample the stored image once more, so this step should lose
+    as little as its size allows. ``reducing_gap=3`` lets a photo over 6× larger than S be box-averaged
+    down by a whole factor first, leaving Lanczos at least 3× (by Pillow's measure indistinguishable
+    from Lanczos alone), which keeps prepare fast on camera-sized originals. Pixels are resized as
+    stored, and the EXIF orientation tag and the ICC profile are carried over, so any decoder treats
+    the smaller image as it treats the original: ours (store/stream.py) ignores both, as before.
+    Other modes are converted to RGB first, as that decoder converts them (alpha dropped, palette
+    and CMYK resolved; their profile then no longer applies and is dropped); greyscale stays greyscale.
+    Colour is kept at full resolution (4:4:4): the usual 4:2:0 halves it, which an image stored near
+    the model's input size cannot spare (measured on the 128-px shapes stored at 37 px: 57.3 % zero-shot
+    with 4:2:0, 60.3 % with 4:4:4, 60.2 % from the originals) and which saves little decoding time.
+    """
+
+    max_side: int
+    jpeg_quality: int = JPEG_QUALITY
+
+    @classmethod
+    def from_options(cls, max_side, jpeg_quality) -> Shrink | None:
+        """The checked options; None (copy every image) without --max-side."""
+        if max_side is None:
+            if jpeg_quality is not None:
+                raise UserError(f"--jpeg-quality {jpeg_quality}: applies only with --max-side (without it every "
+                                "image keeps its original bytes)")
+            return None
+        _check_int("--max-side", max_side, 8, JPEG_MAX_SIDE)
+        quality = JPEG_QUALITY if jpeg_quality is None else jpeg_quality
+        _check_int("--jpeg-quality", quality, 1, 100)
+        return cls(int(max_side), int(quality))
+
+    @property
+    def options(self) -> list[str]:
+        """The flags as the recorded command gives them, quality included so a changed default rebuilds alike."""
+        return ["--max-side", str(self.max_side), "--jpeg-quality", str(self.jpeg_quality)]
+
+    def __call__(self, ext: str, data: bytes) -> tuple[str, bytes]:
+        """(ext, bytes) of one image as it is stored: unchanged up to max_side (only its header is read)."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if max(width, height) <= self.max_side:
+                return ext, data
+            scale = self.max_side / max(width, height)
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            pixels = im if im.mode in ("RGB", "L") else im.convert("RGB")
+            kept = {"icc_profile": im.info.get("icc_profile") if pixels is im else None}
+            orientation = im.getexif().get(ORIENTATION)
+            if orientation is not None:
+                exif = Image.Exif()
+                exif[ORIENTATION] = orientation
+                kept["exif"] = exif.tobytes()
+            small = pixels.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        buf = io.BytesIO()
+        small.save(buf, format="JPEG", quality=self.jpeg_quality, subsampling="4:4:4", optimize=True,
+                   **{k: v for k, v in kept.items() if v is not None})
+        return "jpg", buf.getvalue()
+
+
 # ---------------------------------------------------------------- the writer shared by all sources
 def write_dataset(out: str | Path, name: str, classnames: list[str], splits: dict[str, list[Spec]],
                   fingerprint: str, template: str = DEFAULT_TEMPLATE, shard_size: int = 1000,
-                  skip_bad: bool = False, overwrite: bool = False, command: str | None = None) -> Path:
+                  skip_bad: bool = False, overwrite: bool = False, command: str | None = None,
+                  shrink: Shrink | None = None) -> Path:
     """Write ``splits`` as shards under ``out`` and dataset.json last. Resumes an interrupted run and
     rewrites shards that went missing or were damaged since (their sha256 differs from dataset.json's).
 
     ``command``: the `ballad-pipe prepare …` (less --out) that rebuilds the dataset; None for datasets
-    written from Python (benchmarks), whose errors then name no command.
+    written from Python (benchmarks), whose errors then name no command. ``shrink`` (--max-side) is
+    folded in here, for every source alike: into the fingerprint (so a run with other settings finds
+    "another dataset" and Phase A and the feature store see a changed one), the command and
+    dataset.json. Without it, fingerprints stay those of datasets written before the option existed.
     """
     out = Path(out)
+    extra = {}
+    if shrink is not None:
+        fingerprint = _fingerprint(fingerprint, "max-side", shrink.max_side, shrink.jpeg_quality)
+        command = command and f"{command} {shlex.join(shrink.options)}"
+        extra = {"max_side": shrink.max_side, "jpeg_quality": shrink.jpeg_quality}
     for split, specs in splits.items():
         if not specs:
             raise UserError(f"split '{split}' of {name} is empty")
@@ -133,16 +215,16 @@ def write_dataset(out: str | Path, name: str, classnames: list[str], splits: dic
         for stale in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
             stale.unlink()  # a shard or JSON write cut short by a kill; written again below
         recorded = _recorded_sha256(out)
-        meta_splits = {split: _write_split(out, split, specs, len(classnames), shard_size, skip_bad, recorded)
+        meta_splits = {split: _write_split(out, split, specs, len(classnames), shard_size, skip_bad, recorded, shrink)
                        for split, specs in splits.items()}
-        _describe(out, name, classnames, template, fingerprint, command, meta_splits)
+        _describe(out, name, classnames, template, fingerprint, command, meta_splits, **extra)
     return out
 
 
 def _describe(out: Path, name: str, classnames: list[str], template: str, fingerprint: str, command: str | None,
               splits: dict, **extra) -> None:
     """dataset.json, written last (atomically): the directory is a dataset from then on. ``extra``: the
-    fields only `prepare index` writes (label_key, indexed)."""
+    fields only some runs write (index: label_key, indexed; --max-side: max_side, jpeg_quality)."""
     write_json(out / DATASET_FILE, {"name": name, "classnames": classnames, "template": template,
                                     "fingerprint": fingerprint, "command": command, **extra, "splits": splits})
 
@@ -183,7 +265,7 @@ def _recorded_sha256(out: Path) -> dict[str, str]:
 
 
 def _write_split(out: Path, split: str, specs: list[Spec], num_classes: int, shard_size: int, skip_bad: bool,
-                 recorded: dict[str, str]) -> dict:
+                 recorded: dict[str, str], shrink: Shrink | None) -> dict:
     (out / split).mkdir(parents=True, exist_ok=True)
     counts = [0] * num_classes
     shards, sizes, hashes, skipped = [], [], [], []
@@ -193,7 +275,7 @@ def _write_split(out: Path, split: str, specs: list[Spec], num_classes: int, sha
         rel = f"{split}/{SHARD_PATTERN.format(idx)}"
         back = _read_back(out / rel, recorded.get(rel))
         if back is None:
-            write_shard(out / rel, _materialise(group, skip_bad))
+            write_shard(out / rel, _materialise(group, skip_bad, shrink))
             back = _read_back(out / rel, None)
         kept, size, sha = back
         skipped += [s.key for s in group if s.key not in kept]
@@ -229,7 +311,7 @@ def _read_back(path: Path, recorded_sha256: str | None) -> tuple[dict[str, int],
     return kept, path.stat().st_size, sha
 
 
-def _materialise(group: list[Spec], skip_bad: bool):
+def _materialise(group: list[Spec], skip_bad: bool, shrink: Shrink | None):
     for spec in group:
         try:
             ext, data = spec.load()
@@ -237,7 +319,7 @@ def _materialise(group: list[Spec], skip_bad: bool):
             if not skip_bad:
                 raise UserError(f"{e} (pass --skip-bad to skip unreadable images)") from None
             continue
-        yield Sample(spec.key, ext, data, spec.label)
+        yield Sample(spec.key, *(shrink(ext, data) if shrink else (ext, data)), spec.label)
 
 
 class UnreadableImage(Exception):
@@ -265,7 +347,7 @@ def _png(array: np.ndarray) -> bytes:
 # ---------------------------------------------------------------- source 1: the generated shapes demo
 def prepare_synthetic(out, imbalance: float = 100.0, seed: int = 0, max_count: int = 300, test_per_class: int = 20,
                       val_per_class: int = 10, image_size: int = 32, shard_size: int = 1000,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, max_side: int | None = None, jpeg_quality: int | None = None) -> Path:
     """The long-tailed shapes demo: 30 (colour, shape) classes, exponential train counts, balanced val/test."""
     from stages import shapes
 
@@ -277,6 +359,7 @@ def prepare_synthetic(out, imbalance: float = 100.0, seed: int = 0, max_count: i
     # Below 8 px a triangle, a diamond and a circle are a few alike pixels; the shapes are drawn at 4× the size.
     _check_int("--image-size", image_size, 8, 1024)
     _check_int("--shard-size", shard_size, 1)
+    shrink = Shrink.from_options(max_side, jpeg_quality)
     _check_out(out)
     names = shapes.classnames()
     rng = np.random.default_rng(seed)
@@ -295,7 +378,8 @@ def prepare_synthetic(out, imbalance: float = 100.0, seed: int = 0, max_count: i
     fp = _fingerprint("shapes", imbalance, seed, max_count, test_per_class, val_per_class, image_size, shard_size)
     cmd = _command("synthetic", imbalance=imbalance, seed=seed, max_count=max_count, test_per_class=test_per_class,
                    val_per_class=val_per_class, image_size=image_size, shard_size=shard_size)
-    return write_dataset(out, "shapes-lt", names, splits, fp, shard_size=shard_size, overwrite=overwrite, command=cmd)
+    return write_dataset(out, "shapes-lt", names, splits, fp, shard_size=shard_size, overwrite=overwrite, command=cmd,
+                         shrink=shrink)
 
 
 def _render_fn(label, seed, split, index, size):
@@ -376,14 +460,9 @@ def _file_loader(path: Path):
 
 
 def prepare_lists(out, root, train_list, test_list, val_list=None, classes=None, name=None, seed: int = 0,
-                  shard_size: int = 1000, skip_bad: bool = False, overwrite: bool = False) -> Path:
-    _check_int("--seed", seed, 0, SEED_MAX)
-    _check_int("--shard-size", shard_size, 1)
-    _check_name(name)
-    _check_out(out)
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"--root {root}: image root directory not found")
+                  shard_size: int = 1000, skip_bad: bool = False, overwrite: bool = False, max_side: int | None = None,
+                  jpeg_quality: int | None = None) -> Path:
+    root, shrink = _check_file_source(out, root, "image root directory", seed, shard_size, name, max_side, jpeg_quality)
     lists = {"train": Path(train_list), "test": Path(test_list)}
     if val_list:
         lists["val"] = Path(val_list)
@@ -406,22 +485,36 @@ def prepare_lists(out, root, train_list, test_list, val_list=None, classes=None,
                    val_list=_absolute(val_list), classes=_classes_arg(classes), name=name, seed=seed,
                    shard_size=shard_size, skip_bad=skip_bad)
     return _write_files(out, root, entries, names, name or Path(train_list).stem.split("_")[0], fp, cmd, seed=seed,
-                        shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite)
+                        shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite, shrink=shrink)
 
 
 def _classes_arg(classes: str | None) -> str | None:
     return classes if classes in (None, "imagenet") else _absolute(classes)
 
 
+def _check_file_source(out, root, what: str, seed, shard_size, name, max_side, jpeg_quality) -> tuple[Path, Shrink | None]:
+    """The checks `list` and `folder` share, options first: (the image root, the --max-side settings)."""
+    _check_int("--seed", seed, 0, SEED_MAX)
+    _check_int("--shard-size", shard_size, 1)
+    _check_name(name)
+    shrink = Shrink.from_options(max_side, jpeg_quality)
+    _check_out(out)
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--root {root}: {what} not found")
+    return root, shrink
+
+
 def _write_files(out, root: Path, entries: dict[str, list[tuple[str, int]]], names: list[str], name: str,
-                 fingerprint: str, command: str, *, seed: int, shard_size: int, skip_bad: bool, overwrite: bool) -> Path:
+                 fingerprint: str, command: str, *, seed: int, shard_size: int, skip_bad: bool, overwrite: bool,
+                 shrink: Shrink | None) -> Path:
     """Image files under ``root``, per split as (relative path, label), → shards: what `list` and `folder`
-    share. Files are copied byte for byte when JPEG/PNG/WebP; the train split is written in a seeded
-    random order, the others in the order given."""
+    share. Files are copied byte for byte when JPEG/PNG/WebP (and not shrunk by --max-side); the train
+    split is written in a seeded random order, the others in the order given."""
     splits = {split: [Spec(_key(rel), lab, _file_loader(root / rel)) for rel, lab in es] for split, es in entries.items()}
     splits["train"] = _shuffled(splits["train"], seed)
     return write_dataset(out, name, names, splits, fingerprint, shard_size=shard_size, skip_bad=skip_bad,
-                         overwrite=overwrite, command=command)
+                         overwrite=overwrite, command=command, shrink=shrink)
 
 
 def _key(rel: str) -> str:
@@ -438,7 +531,7 @@ DEFAULT_TEST_FRACTION = 0.2  # of each class, when ROOT has no test/ folder
 
 def prepare_folder(out, root, val_fraction: float | None = None, test_fraction: float | None = None, seed: int = 0,
                    classes: str | None = None, name: str | None = None, shard_size: int = 1000, skip_bad: bool = False,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, max_side: int | None = None, jpeg_quality: int | None = None) -> Path:
     """torchvision's ImageFolder layout → shards, through the same (path, label) lists as `list`.
 
     ``ROOT/<class>/…`` (images found recursively, as ImageFolder does; hidden files skipped) is split
@@ -454,13 +547,7 @@ def prepare_folder(out, root, val_fraction: float | None = None, test_fraction: 
     if (val_fraction or 0) + (test_fraction or 0) >= 1:
         raise UserError(f"--val-fraction {val_fraction} + --test-fraction {test_fraction}: must add up to below 1 "
                         "(train keeps the rest)")
-    _check_int("--seed", seed, 0, SEED_MAX)
-    _check_int("--shard-size", shard_size, 1)
-    _check_name(name)
-    _check_out(out)
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"--root {root}: image folder not found")
+    root, shrink = _check_file_source(out, root, "image folder", seed, shard_size, name, max_side, jpeg_quality)
     given = {split: root / split for split in ("train", "val", "test") if (root / split).is_dir()}
     if "train" in given and "test" in given:
         source = given.pop("train")
@@ -500,7 +587,7 @@ def prepare_folder(out, root, val_fraction: float | None = None, test_fraction: 
     cmd = _command("folder", root=_absolute(root), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                    classes=_classes_arg(classes), name=name, shard_size=shard_size, skip_bad=skip_bad)
     return _write_files(out, root, entries, names, name or root.resolve().name, fp, cmd, seed=seed,
-                        shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite)
+                        shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite, shrink=shrink)
 
 
 def _class_folders(path: Path) -> list[str]:
@@ -554,11 +641,12 @@ def _read_pickle(tar: tarfile.TarFile, member: str, archive: Path):
 
 
 def prepare_cifar100_lt(out, archive, imbalance: float = 100.0, seed: int = 0, shard_size: int = 1000,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, max_side: int | None = None, jpeg_quality: int | None = None) -> Path:
     """CIFAR-100-LT: per class, a seeded shuffle of its train images then the first n_i (LDAM's recipe)."""
     _check_imbalance(imbalance, 500, "the largest class has 500 images; a larger ratio leaves the smallest none")
     _check_int("--seed", seed, 0, SEED_MAX)
     _check_int("--shard-size", shard_size, 1)
+    shrink = Shrink.from_options(max_side, jpeg_quality)
     _check_out(out)
     archive = Path(archive)
     if not archive.is_file():
@@ -588,7 +676,7 @@ def prepare_cifar100_lt(out, archive, imbalance: float = 100.0, seed: int = 0, s
     fp = _fingerprint("cifar100-lt", imbalance, seed, shard_size, hashlib.sha256(archive.read_bytes()).hexdigest())
     cmd = _command("cifar100-lt", archive=_absolute(archive), imbalance=imbalance, seed=seed, shard_size=shard_size)
     return write_dataset(out, f"cifar100-lt-r{imbalance:g}", names, splits, fp, shard_size=shard_size,
-                         overwrite=overwrite, command=cmd)
+                         overwrite=overwrite, command=cmd, shrink=shrink)
 
 
 # ---------------------------------------------------------------- source 5: existing webdataset shards, described in place

@@ -32,6 +32,7 @@ def _all_samples(root: Path, split: str):
     return [s for url in info.urls(split) for s in read_shard(url)]
 
 
+@pytest.mark.slow  # renders the whole default demo set (2,911 images)
 def test_synthetic_profile_has_many_medium_few(tmp_path):
     info = load_dataset(prepare_synthetic(tmp_path / "d", shard_size=500))
     counts = np.array(info.split("train").class_counts)
@@ -191,6 +192,7 @@ def test_cifar100_lt_counts(tmp_path):
     assert info.classnames[0] == "aquarium fish" and info.name == "cifar100-lt-r100"
 
 
+@pytest.mark.slow  # three prepare subprocesses, one killed
 def test_interrupted_prepare_resumes_to_identical_shards(tmp_path):
     args = [sys.executable, "-m", "pipeline.cli", "prepare", "synthetic", "--max-count", "300",
             "--shard-size", "50", "--test-per-class", "2", "--val-per-class", "1"]

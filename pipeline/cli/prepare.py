@@ -8,6 +8,11 @@ overwrite = click.option("--overwrite", is_flag=True, help="Replace a different 
 out = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 skip_bad = click.option("--skip-bad", is_flag=True, help="Skip unreadable images (each key is reported) instead of failing.")
 name = click.option("--name", help="Dataset name (default: from the input's name).")
+max_side = click.option("--max-side", type=int, help="Store images whose longer side exceeds this many pixels at that "
+                        "size (aspect kept) as JPEG, for faster decoding; smaller ones keep their bytes [default: "
+                        "every image keeps its bytes].")
+jpeg_quality = click.option("--jpeg-quality", type=int, help="JPEG quality, 1-100, of the images --max-side shrinks "
+                            "[default: 90].")
 
 
 @click.group()
@@ -24,14 +29,17 @@ def prepare():
 @click.option("--val-per-class", default=10, show_default=True)
 @click.option("--image-size", default=32, show_default=True)
 @shard_size
+@max_side
+@jpeg_quality
 @overwrite
-def synthetic(out, imbalance, seed, max_count, test_per_class, val_per_class, image_size, shard_size, overwrite):
+def synthetic(out, imbalance, seed, max_count, test_per_class, val_per_class, image_size, shard_size, max_side,
+              jpeg_quality, overwrite):
     """The generated long-tailed shapes demo ("red triangle", …)."""
     from stages.prepare import prepare_synthetic
 
     path = prepare_synthetic(out, imbalance=imbalance, seed=seed, max_count=max_count, test_per_class=test_per_class,
                              val_per_class=val_per_class, image_size=image_size, shard_size=shard_size,
-                             overwrite=overwrite)
+                             overwrite=overwrite, max_side=max_side, jpeg_quality=jpeg_quality)
     click.echo(f"wrote {path}")
 
 
@@ -47,13 +55,17 @@ def synthetic(out, imbalance, seed, max_count, test_per_class, val_per_class, im
 @out
 @shard_size
 @skip_bad
+@max_side
+@jpeg_quality
 @overwrite
-def list_(root, train_list, test_list, val_list, classes, name, seed, out, shard_size, skip_bad, overwrite):
+def list_(root, train_list, test_list, val_list, classes, name, seed, out, shard_size, skip_bad, max_side, jpeg_quality,
+          overwrite):
     """ImageNet-LT / Places-LT style split lists."""
     from stages.prepare import prepare_lists
 
     path = prepare_lists(out, root, train_list, test_list, val_list=val_list, classes=classes, name=name, seed=seed,
-                         shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite)
+                         shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite, max_side=max_side,
+                         jpeg_quality=jpeg_quality)
     click.echo(f"wrote {path}")
 
 
@@ -71,13 +83,17 @@ def list_(root, train_list, test_list, val_list, classes, name, seed, out, shard
 @out
 @shard_size
 @skip_bad
+@max_side
+@jpeg_quality
 @overwrite
-def folder(root, val_fraction, test_fraction, seed, classes, name, out, shard_size, skip_bad, overwrite):
+def folder(root, val_fraction, test_fraction, seed, classes, name, out, shard_size, skip_bad, max_side, jpeg_quality,
+           overwrite):
     """Image folders in torchvision's ImageFolder layout."""
     from stages.prepare import prepare_folder
 
     path = prepare_folder(out, root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, classes=classes,
-                          name=name, shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite)
+                          name=name, shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite, max_side=max_side,
+                          jpeg_quality=jpeg_quality)
     click.echo(f"wrote {path}")
 
 
@@ -87,12 +103,15 @@ def folder(root, val_fraction, test_fraction, seed, classes, name, out, shard_si
 @click.option("--imbalance", default=100.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @shard_size
+@max_side
+@jpeg_quality
 @overwrite
-def cifar100_lt(archive, out, imbalance, seed, shard_size, overwrite):
+def cifar100_lt(archive, out, imbalance, seed, shard_size, max_side, jpeg_quality, overwrite):
     """CIFAR-100-LT from the official python archive."""
     from stages.prepare import prepare_cifar100_lt
 
-    path = prepare_cifar100_lt(out, archive, imbalance=imbalance, seed=seed, shard_size=shard_size, overwrite=overwrite)
+    path = prepare_cifar100_lt(out, archive, imbalance=imbalance, seed=seed, shard_size=shard_size, overwrite=overwrite,
+                               max_side=max_side, jpeg_quality=jpeg_quality)
     click.echo(f"wrote {path}")
 
 
