@@ -24,7 +24,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The everyday loop: everything but the end-to-end subprocess tests, with the slowest ten listed.
+# The everyday loop: every test but the slow ones (end-to-end, subprocesses, longer training runs), with the
+# slowest ten listed. tests/conftest.py runs torch on one thread; `make test` runs everything.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" --durations=10
 

@@ -69,12 +69,19 @@ def write_result(name: str, result: dict, device, quick: bool) -> Path:
     return path
 
 
-def print_table(title: str, rows: list[dict]) -> None:
-    """A plain aligned table of ``rows`` (dicts with the same keys); floats get 4 significant digits."""
+def read_result(name: str) -> dict | None:
+    """The last result written for benchmark ``name`` (None when there is none)."""
+    path = results_dir() / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def print_table(title: str, rows: list[dict], cols: list[str] | None = None) -> None:
+    """A plain aligned table of ``rows`` (dicts with the same keys; ``cols``: only those); floats get 4
+    significant digits."""
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    cols = list(rows[0])
+    cols = cols or list(rows[0])
     cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print(f"\n{title}")
@@ -89,10 +96,15 @@ def sizes(table: dict, quick: bool, device) -> dict:
     return table["quick" if quick else torch.device(device).type]
 
 
-def check(what: str, value: float, target: float | None = None, higher_is_better: bool = True, unit: str = "") -> dict:
-    """One headline number against its target (None: reported without one), for the runner's summary."""
+def check(what: str, value: float, target: float | None = None, higher_is_better: bool = True, unit: str = "",
+          compared: bool = True) -> dict:
+    """One headline number against its target (None: reported without one), for the runner's summary. A
+    ratio (unit ×: both sides timed side by side) also keeps its number for ``python -m bench --check``,
+    unless ``compared`` is False (a ratio that varies from run to run by nature)."""
     row = {"what": what, "value": f"{value:.4g}{unit}", "target": "-", "met": "-"}
     if target is not None:
         met = value >= target if higher_is_better else value <= target
         row.update(target=f"{'≥' if higher_is_better else '≤'} {target:g}{unit}", met="yes" if met else "NO")
+    if unit == "×" and compared:
+        row.update(ratio=value, higher_is_better=higher_is_better)
     return row

@@ -14,6 +14,7 @@ open_clip's factory.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -77,6 +78,14 @@ def _open_clip():
     return open_clip
 
 
+@functools.lru_cache(maxsize=None)
+def _tokenizer(name: str):
+    """open_clip's tokenizer of ``name``, built once per process and shared by its models: building the BPE
+    tables takes a quarter of a second, longer than building ballad-tiny, and a tokenizer holds no state of
+    its model."""
+    return _open_clip().get_tokenizer(name)
+
+
 def available_models() -> list[str]:
     return _open_clip().list_models()
 
@@ -113,14 +122,15 @@ def build_transforms(image_size: int, mean=CLIP_MEAN, std=CLIP_STD, color_jitter
     bicubic = T.InterpolationMode.BICUBIC
     to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
     jitter = [T.ColorJitter(color_jitter, color_jitter, color_jitter, 0)] if color_jitter else []
-    train = T.Compose([T.Lambda(_to_rgb), T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bicubic),
+    train = T.Compose([T.Lambda(to_rgb), T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bicubic),
                        T.RandomHorizontalFlip(), *jitter, *to_tensor])
-    evaluate = T.Compose([T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size), T.Lambda(_to_rgb),
+    evaluate = T.Compose([T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size), T.Lambda(to_rgb),
                           *to_tensor])
     return train, evaluate
 
 
-def _to_rgb(img):
+def to_rgb(img):
+    """The PIL image in RGB (pipeline/tensor_transforms.py skips this step: its decoded tensors are RGB)."""
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -161,7 +171,7 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", *, colo
     mean, std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
     size = _image_size(model)
     train_tf, eval_tf = build_transforms(size, mean, std, color_jitter)
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = _tokenizer(name)
     with torch.no_grad():
         embed_dim = int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
     if head is not None and (head.dim() != 2 or head.shape[1] != embed_dim):

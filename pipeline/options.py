@@ -10,11 +10,16 @@ turns the fields made here into click options.
   param as ``None``; users write ``none``. The CLI converts them once (``OrNone``), so stages receive
   Python's None; a stage whose Python callers pass ``"none"`` calls ``none_to_null`` on entry.
 - ``DEVICE`` / ``DEVICE_HELP``: the one default and help of ``--device`` on every command.
+- ``refuse`` / ``check_finite`` / ``check_choices``: a config's checks, each failure one line that
+  names the option by its flag and value (``--lr nan: must be …``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, field
-from typing import Callable
+from typing import Callable, Iterable, NoReturn
+
+from pipeline.errors import UserError
 
 NONE_WORDS = ("none", "None", "")
 DEVICE = "auto"
@@ -33,7 +38,8 @@ def option(default, flag: str, help: str, choices: tuple[str, ...] | None = None
     ``default`` is the field's default (``dataclasses.MISSING``: a required option); ``factory``, when
     given, computes it instead (the CLI calls it when the command runs). ``cli`` holds what the default
     does not tell the CLI: ``kind`` (int, float or str) for a default of None or from a factory,
-    ``path`` ("any", "dir" or "file") for a path, ``show_default`` (a text for a computed default).
+    ``path`` ("any", "dir" or "file") for a path, ``show_default`` (a text for a computed default),
+    ``none=True`` for a required option that may be none.
     """
     metadata = {"flag": flag, "help": help, "choices": choices, **cli}
     if factory is not None:
@@ -41,3 +47,26 @@ def option(default, flag: str, help: str, choices: tuple[str, ...] | None = None
     if default is MISSING:
         return field(metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def refuse(config, name: str, why: str) -> NoReturn:
+    """A one-line UserError naming field ``name`` of the config dataclass ``config`` by its flag and value."""
+    raise UserError(f"{config.__dataclass_fields__[name].metadata['flag']} {getattr(config, name)}: {why}")
+
+
+def check_finite(config, rules: Iterable[tuple[str, bool, str]]) -> None:
+    """Refuses the first field of ``rules`` (name, ok, why) that is not ok, or not a finite number (None
+    passes where ok allows it)."""
+    for name, ok, why in rules:
+        value = getattr(config, name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or (value is not None and not (number and math.isfinite(value))):
+            refuse(config, name, why)
+
+
+def check_choices(config, names: Iterable[str]) -> None:
+    """Refuses the first field of ``names`` whose value is not one of the field's choices."""
+    for name in names:
+        choices = config.__dataclass_fields__[name].metadata["choices"]
+        if getattr(config, name) not in choices:
+            refuse(config, name, f"choose one of {', '.join(choices)}")

@@ -7,11 +7,10 @@ defaults are the authors' code; every departure is a choice here.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from pipeline.errors import UserError
-from pipeline.options import option
+from pipeline.options import check_choices, check_finite, option, refuse
 from pipeline.schedule import SCHEDULES
 
 SAMPLERS = ("class-aware", "class-balanced", "sqrt", "instance", "progressive")
@@ -54,24 +53,18 @@ class TrainConfig:
 
     def check(self) -> None:
         """Every option in range, before any work starts: a one-line UserError naming the flag."""
-        flag = {f: self.__dataclass_fields__[f].metadata["flag"] for f in self.__dataclass_fields__}
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{flag[name]} {value}: must be a whole number ≥ 1")
+                refuse(self, name, "must be a whole number ≥ 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
-            raise UserError(f"--seed {self.seed}: must be a whole number in [0, 2^63)")
-        for name, ok, rule in (("lam", 0 <= self.lam <= 1, "in [0, 1]"),
-                               ("lr", self.lr > 0, "finite and > 0"),
-                               ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-                               ("weight_decay", self.weight_decay >= 0, "finite and ≥ 0"),
-                               ("la_tau", self.la_tau >= 0, "finite and ≥ 0")):
-            if not (ok and math.isfinite(getattr(self, name))):
-                raise UserError(f"{flag[name]} {getattr(self, name)}: must be {rule}")
-        for name in ("sampler", "form", "position", "schedule", "select", "loss", "views"):
-            allowed = self.__dataclass_fields__[name].metadata["choices"]
-            if getattr(self, name) not in allowed:
-                raise UserError(f"{flag[name]} {getattr(self, name)}: choose one of {', '.join(allowed)}")
+            refuse(self, "seed", "must be a whole number in [0, 2^63)")
+        check_finite(self, (("lam", 0 <= self.lam <= 1, "must be in [0, 1]"),
+                            ("lr", self.lr > 0, "must be finite and > 0"),
+                            ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
+                            ("weight_decay", self.weight_decay >= 0, "must be finite and ≥ 0"),
+                            ("la_tau", self.la_tau >= 0, "must be finite and ≥ 0")))
+        check_choices(self, ("sampler", "form", "position", "schedule", "select", "loss", "views"))
 
     def resolved_views(self, num_views: int, source: str = "the feature store") -> str:
         """``all`` or ``none``: ``auto`` is ``all`` exactly when the train split has augmented views."""

@@ -7,16 +7,15 @@ are the authors' code; stages/phase_a.py says where and why each choice departs 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import MISSING, dataclass
 
-from pipeline.errors import UserError
 from pipeline.models import COLOR_JITTER
-from pipeline.options import DEVICE, DEVICE_HELP, option
+from pipeline.options import DEVICE, DEVICE_HELP, check_choices, check_finite, option, refuse
 from pipeline.schedule import SCHEDULES
 from pipeline.tuning import LORA_RANK, TUNES
 from stages.adapter_config import LOSSES
 from stages.phase_a_data import default_workers
+from store.stream import DECODE_HELP, DECODES
 
 OPTIMIZERS = ("sgd", "adamw")
 BATCHNORM_MODES = ("auto", "frozen", "train")
@@ -87,33 +86,27 @@ class PhaseAConfig:
     strict: bool = option(False, "--strict", "Fail on an undecodable sample instead of skipping it.")
     resume: bool = option(False, "--resume", "Continue the run in --out from last.pt (or start one).")
     device: str = option(DEVICE, "--device", DEVICE_HELP)
+    decode: str = option("auto", "--decode", DECODE_HELP, DECODES)
 
     def check(self) -> None:
         """Every option in range before any work starts: a one-line UserError naming the first one that is not."""
-        def refuse(name, why):
-            raise UserError(f"{self.__dataclass_fields__[name].metadata['flag']} {getattr(self, name)}: {why}")
-
         for name in ("epochs", "batch_size", "save_every", "eval_samples", "lora_rank"):
             if getattr(self, name) < 1:
-                refuse(name, "must be at least 1")
+                refuse(self, name, "must be at least 1")
         for name in ("micro_batch", "adapter_width"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                refuse(name, "must be at least 1")
+                refuse(self, name, "must be at least 1")
         for name in ("workers", "shuffle_buffer", "eval_every"):
             if getattr(self, name) < 0:
-                refuse(name, "must be 0 or more")
+                refuse(self, name, "must be 0 or more")
         if not 0 <= self.seed < 2**32:
-            refuse("seed", "must be in [0, 2^32)")
-        for name, ok, why in (("lr", self.lr > 0, "must be above 0"),
-                              ("weight_decay", self.weight_decay >= 0, "must be 0 or more"),
-                              ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
-                              ("color_jitter", self.color_jitter >= 0, "must be 0 (off) or more"),
-                              ("logit_scale", self.logit_scale is None or self.logit_scale > 0, "must be above 0"),
-                              ("la_tau", self.la_tau >= 0, "must be 0 or more")):
-            value = getattr(self, name)
-            if not ok or (value is not None and not math.isfinite(value)):
-                refuse(name, f"{why} and finite")
-        for name in ("optimizer", "schedule", "batchnorm", "select", "precision", "tune", "classifier", "loss"):
-            choices = self.__dataclass_fields__[name].metadata["choices"]
-            if getattr(self, name) not in choices:
-                refuse(name, f"choose one of {', '.join(choices)}")
+            refuse(self, "seed", "must be in [0, 2^32)")
+        check_finite(self, (("lr", self.lr > 0, "must be above 0 and finite"),
+                            ("weight_decay", self.weight_decay >= 0, "must be 0 or more and finite"),
+                            ("momentum", 0 <= self.momentum < 1, "must be in [0, 1) and finite"),
+                            ("color_jitter", self.color_jitter >= 0, "must be 0 (off) or more and finite"),
+                            ("logit_scale", self.logit_scale is None or self.logit_scale > 0,
+                             "must be above 0 and finite"),
+                            ("la_tau", self.la_tau >= 0, "must be 0 or more and finite")))
+        check_choices(self, ("optimizer", "schedule", "batchnorm", "select", "precision", "tune", "classifier", "loss",
+                             "decode"))

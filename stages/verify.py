@@ -13,12 +13,14 @@ import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Generator, Iterator, TypeVar
 
 import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.runtime import sha256_file
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,17 +49,26 @@ def _one_line(e: Exception) -> str:
     return f"{e.__class__.__name__}: {' '.join(str(e).split())[:200]}"
 
 
+def _opened(load: Callable[[], T], describe: Callable[[T], str]) -> Generator[Finding, None, T | None]:
+    """A check's first finding: what ``load`` opened, as ``describe`` says (returned to go on with), or the
+    UserError it raised (None returned: nothing more can be checked)."""
+    try:
+        opened = load()
+    except UserError as e:
+        yield Finding(False, str(e))
+        return None
+    yield Finding(True, describe(opened))
+    return opened
+
+
 # ---------------------------------------------------------------- dataset directories (prepare)
 def _dataset(path: Path) -> Iterator[Finding]:
     from store.shards import DATASET_FILE, load_dataset, local_path, shard_problems
 
-    try:
-        info = load_dataset(path)
-    except UserError as e:
-        yield Finding(False, str(e))
+    info = yield from _opened(lambda: load_dataset(path), lambda info: f"{path / DATASET_FILE}: dataset {info.name!r}, "
+                              f"{info.num_classes} classes, splits {', '.join(info.splits)}")
+    if info is None:
         return
-    yield Finding(True, f"{path / DATASET_FILE}: dataset {info.name!r}, {info.num_classes} classes, "
-                        f"splits {', '.join(info.splits)}")
     for split, s in info.splits.items():
         problems = list(shard_problems(info, split, full=True))
         yield from (Finding(False, p) for p in problems)
@@ -75,13 +86,11 @@ def _store(path: Path) -> Iterator[Finding]:
 
     from store.features import FeatureStore
 
-    try:
-        store = FeatureStore.open(path)
-    except UserError as e:
-        yield Finding(False, str(e))
+    store = yield from _opened(lambda: FeatureStore.open(path), lambda store: f"{path}: feature store of "
+                               f"{store.meta.get('model')}, {store.num_classes} classes, {store.embed_dim}-d, "
+                               f"splits {', '.join(store.splits) or 'none'}")
+    if store is None:
         return
-    yield Finding(True, f"{path}: feature store of {store.meta.get('model')}, {store.num_classes} classes, "
-                        f"{store.embed_dim}-d, splits {', '.join(store.splits) or 'none'}")
     rebuild = f"rebuild the store: `{store.rebuild_command}`"
     arrays = {name: node for name, node in zarr.open_group(str(path), mode="r").members(max_depth=None)
               if isinstance(node, zarr.Array)}
@@ -184,13 +193,11 @@ def _last(last: Path) -> Finding:
 def _bundle(path: Path) -> Iterator[Finding]:
     from stages.bundle import HEAD_FILE, META_FILE, MODEL_FILE, Bundle, read_meta
 
-    try:
-        meta = read_meta(path)
-    except UserError as e:
-        yield Finding(False, str(e))
+    meta = yield from _opened(lambda: read_meta(path), lambda meta: f"{path / META_FILE}: model "
+                              f"{meta['model'].get('name')}, {len(meta['classnames'])} classes, "
+                              f"adapter {'yes' if meta['adapter'] else 'none'}")
+    if meta is None:
         return
-    yield Finding(True, f"{path / META_FILE}: model {meta['model'].get('name')}, {len(meta['classnames'])} classes, "
-                        f"adapter {'yes' if meta['adapter'] else 'none'}")
     redo = f"re-export: `{_export_command(path, meta)}`"
     whole = True
     for name in (MODEL_FILE, HEAD_FILE):

@@ -1,12 +1,20 @@
-"""Shared fixtures: a small generated long-tailed dataset and the embedded ballad-tiny model."""
+"""Shared fixtures: a small generated long-tailed dataset and the embedded ballad-tiny model.
+
+Every test runs torch on one thread (and the subprocesses the tests start, through OMP_NUM_THREADS):
+the tests' problems are tiny, so one thread is the fastest (threads wait on each other when other jobs
+share the cores: on our busy 2-core VM the fast suite took 472 s with torch's default two, 202 s with
+one), and runs that are compared bit for bit split their floating-point reductions the same way."""
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("BALLAD_PROGRESS", "0")
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch (and faiss's OpenMP) load
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -28,12 +36,8 @@ def tiny_backbone():
 
 @pytest.fixture
 def single_thread():
-    """One torch thread: tiny problems run fastest on one (far faster when other processes share the
-    cores), and runs compared bit for bit must split their floating-point reductions the same way."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """Asked for by the tests that compare runs bit for bit: they rely on the one torch thread set above."""
+    assert torch.get_num_threads() == 1, "an earlier test changed torch's thread count and did not restore it"
 
 
 @pytest.fixture(scope="session")

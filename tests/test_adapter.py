@@ -50,6 +50,7 @@ def toy_problem(n=400):
 
 
 # ---------------------------------------------------------------- training
+@pytest.mark.slow  # three adapters, ten epochs each
 def test_balanced_adapter_raises_few_shot_accuracy(lt_store, tmp_path):
     none = evaluate(lt_store, tmp_path / "none")
     few = {}

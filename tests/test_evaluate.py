@@ -161,16 +161,24 @@ def test_tta_mean_averages_the_logits_of_the_stored_views(tta_store, tmp_path):
     assert plain["top1"] != m["top1"]  # the noisy views change the predictions: the views were used
 
 
-def test_tta_needs_test_views_in_the_store(lt_store, tta_store, tmp_path):
-    with pytest.raises(UserError, match=r"--tta mean: split 'test' of .* has no test-time views; re-extract with "
-                                        r"`ballad-pipe extract … --test-views five-crop`"):
-        evaluate(lt_store, tmp_path / "r", tta="mean")
-    with pytest.raises(UserError, match="--tta median: choose one of none, mean"):
-        evaluate(tta_store, tmp_path / "r", tta="median")
+@pytest.mark.parametrize("store, tta, message", [
+    ("lt_store", "mean", r"--tta mean: split 'test' of .* has no test-time views; re-extract with "
+                         r"`ballad-pipe extract … --test-views five-crop`"),
+    ("tta_store", "median", "--tta median: choose one of none, mean"),
+], ids=["no-views", "unknown-mode"])
+def test_tta_needs_test_views_in_the_store(request, tmp_path, store, tta, message):
+    with pytest.raises(UserError, match=message):
+        evaluate(request.getfixturevalue(store), tmp_path / "r", tta=tta)
+
+
+def test_cli_evaluate_tta_mean_says_which_views_it_averaged(tta_store, tmp_path):
     r = CliRunner().invoke(main, ["evaluate", "--features", str(tta_store), "--tta", "mean", "--out",
                                   str(tmp_path / "cli"), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "logits averaged over the five-crop views" in r.output
+
+
+def test_cli_evaluate_tta_without_views_is_a_one_line_error(lt_store, tmp_path):
     r = CliRunner().invoke(main, ["evaluate", "--features", str(lt_store), "--tta", "mean", "--out",
                                   str(tmp_path / "x")])
     assert r.exit_code != 0 and r.output.startswith("Error: --tta mean") and len(r.output.strip().splitlines()) == 1

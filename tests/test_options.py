@@ -2,6 +2,7 @@
 command-line edge, one --device, and a --help that does not import torch."""
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from dataclasses import MISSING, fields
@@ -105,39 +106,26 @@ def test_phase_a_numeric_options_take_dvcs_null(monkeypatch, word):
     assert seen == [PhaseAConfig(data="d", model="m")]
 
 
-def test_stages_receive_none_for_none(monkeypatch):
-    import stages.bundle
-    import stages.evaluate
-    import stages.extract
-    import stages.knn
-
-    calls = {}
-
-    def record(name, result):
-        def fake(*args, **kw):
-            calls[name] = (args, kw)
-            return result
-        return fake
-
-    metrics = {k: 1.0 for k in ("top1", "top5", "many", "medium", "few", "ece")} | {"num_test": 1}
-    monkeypatch.setattr(stages.evaluate, "evaluate", record("evaluate", metrics))
-    monkeypatch.setattr(stages.extract, "extract", record("extract", {}))
-    monkeypatch.setattr(stages.knn, "neighbors", record("neighbors", {"key": "k", "class": "c",
-                                                                      "predicted_class": "c", "neighbors": []}))
-    monkeypatch.setattr(stages.bundle, "export", record("export", {"adapter": None, "model": {"name": "m"},
-                                                                   "classnames": []}))
-    runner = CliRunner()
-    for args in (["evaluate", "--features", "f", "--out", "o"],  # the default, none
-                 ["neighbors", "--features", "f", "--key", "k", "--adapter", "None"],
-                 ["extract", "--ckpt", "none", "--pretrained", "None", "--workers", "None",
-                  "--data", "d", "--out", "o"],
-                 ["export", "--ckpt", "c", "--adapter", "none", "--features", "f", "--out", "o"]):
-        result = runner.invoke(main, args)
-        assert result.exit_code == 0, (args, result.output)
-    assert calls["evaluate"][1]["adapter"] is None and calls["neighbors"][1]["adapter"] is None
-    args, kw = calls["extract"]
-    assert args[0] is None and kw["pretrained"] is None and kw["workers"] is None
-    assert calls["export"][0][1] is None
+@pytest.mark.parametrize("args, stage, returns, nones", [
+    (["evaluate", "--features", "f", "--out", "o"],  # the default, none
+     "stages.evaluate.evaluate", {k: 1.0 for k in ("top1", "top5", "many", "medium", "few", "ece")} | {"num_test": 1},
+     ["adapter"]),
+    (["neighbors", "--features", "f", "--key", "k", "--adapter", "None"],
+     "stages.knn.neighbors", {"key": "k", "class": "c", "predicted_class": "c", "neighbors": []}, ["adapter"]),
+    (["extract", "--ckpt", "none", "--pretrained", "None", "--workers", "None", "--data", "d", "--out", "o"],
+     "stages.extract.extract", {}, [0, "pretrained", "workers"]),
+    (["export", "--ckpt", "c", "--adapter", "none", "--features", "f", "--out", "o"],
+     "stages.bundle.export", {"adapter": None, "model": {"name": "m"}, "classnames": []}, [1]),
+], ids=["evaluate", "neighbors", "extract", "export"])
+def test_stages_receive_none_for_none(monkeypatch, args, stage, returns, nones):
+    """``nones``: the stage function's arguments (by position or keyword) that must arrive as None."""
+    module, name = stage.rsplit(".", 1)
+    calls = []
+    monkeypatch.setattr(importlib.import_module(module), name, lambda *a, **kw: calls.append((a, kw)) or returns)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    [(positional, keywords)] = calls
+    assert {k: positional[k] if isinstance(k, int) else keywords[k] for k in nones} == dict.fromkeys(nones)
 
 
 # -- --device --------------------------------------------------------------------------------------------

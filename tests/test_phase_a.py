@@ -42,6 +42,21 @@ def cli_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "BALLAD_PROGRESS": "0", "PYTHONPATH": str(ROOT)}
 
 
+def kill_after_first_save(args: list[str], out: Path, tmp_path: Path) -> None:
+    """Runs `phase-a args` in a subprocess and SIGKILLs it as soon as it has written ``out``/last.pt."""
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cli(*args), env=cli_env(), stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 120
+            while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-2000:]
+
+
 @pytest.mark.parametrize("name", ["ballad-tiny", "RN50"])
 def test_truncated_prompts_encode_exactly_like_the_full_context(name):
     from pipeline.models import create_model
@@ -150,17 +165,7 @@ def test_resume_after_sigkill_continues_from_the_saved_step(small_data, tmp_path
     args = ["--data", str(small_data), "--model", "ballad-tiny", "--out", str(out), "--epochs", "1", "--batch-size",
             "16", "--save-every", "2", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05", "--workers", "0",
             "--shuffle-buffer", "50"]
-    with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(cli(*args), env=cli_env(), stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            deadline = time.monotonic() + 120
-            while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-2000:]
+    kill_after_first_save(args, out, tmp_path)
     assert not (out / "final.pt").exists()
     saved = torch.load(out / "last.pt", weights_only=True)["step"]
     assert 2 <= saved < 7
@@ -296,6 +301,7 @@ def test_corrupt_samples_are_skipped_and_counted_or_fail_with_strict(small_data,
     it = train_batches(load_dataset(data).urls("train"), tiny_backbone.eval_transform, seed=0, epoch=0, micro_batch=8,
                        workers=2, shuffle_buffer=20, distributed=False, on_bad=counter)
     seen = {k for _ in range(12) for k in next(it)[0]}
+    it.close()  # stops the workers now: left to the garbage collector, torch waits 5 s for each
     assert len(seen) == 117 - len(bad_keys) and not seen & bad_keys and counter.value >= len(bad_keys)
 
     with pytest.raises(UserError, match="sample 'train_0000[0-3][0-9]' in .*shard-000000.tar: unreadable") as e:

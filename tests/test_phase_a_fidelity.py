@@ -183,6 +183,7 @@ class ScriptedVal:
         return {"top1": self.accuracies[epoch - 1], "many": None, "medium": None, "few": None}
 
 
+@pytest.mark.slow  # three epochs
 def test_final_weights_are_the_best_epochs_and_ties_keep_the_earlier(small_data, tmp_path, monkeypatch):  # noqa: F811
     val = ScriptedVal([0.5, 0.7, 0.7])
     monkeypatch.setattr(pa, "split_accuracy", val)
@@ -193,6 +194,7 @@ def test_final_weights_are_the_best_epochs_and_ties_keep_the_earlier(small_data,
     assert meta["rank_param_digests"] == [val.digests[3]]  # the ranks' check is on the weights training ended with
 
 
+@pytest.mark.slow  # three epochs, then a resumed run
 def test_a_kill_between_last_and_best_checkpoint_keeps_the_best_weights(small_data, tmp_path, monkeypatch,  # noqa: F811
                                                                         caplog):
     val = ScriptedVal([0.7, 0.9, 0.6])

@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -68,6 +69,19 @@ def held_lock(output: Path):
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+def test_saved_checkpoints_are_atomic_and_their_bytes_depend_on_the_weights_only(tmp_path):
+    """torch.save given a path names its archive after it: through a temporary name the same weights would
+    give another sha256 every run, and DVC would re-run every stage downstream of an unchanged checkpoint."""
+    from pipeline.runtime import save_torch
+
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_torch(weights, tmp_path / "a.pt")
+    save_torch(weights, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]  # no temporary file left behind
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["w"], weights["w"])
 
 
 def test_lock_file_sits_beside_the_output_and_names_its_holder(tmp_path):
@@ -341,18 +355,29 @@ class Evil:
         return open, (self.marker, "w")
 
 
-def test_pickled_code_in_a_checkpoint_or_adapter_is_refused_and_never_run(lt_store, tmp_path):
+def _load_as_checkpoint(path: Path, store: Path):
     from pipeline.models import create_model
+
+    create_model("ballad-tiny", pretrained=str(path))
+
+
+def _load_as_adapter(path: Path, store: Path):
     from stages.adapter import load_adapter
     from store.features import FeatureStore
 
+    load_adapter(path, FeatureStore.open(store), store)
+
+
+@pytest.mark.parametrize("load, message", [
+    (_load_as_checkpoint, r"evil.pt: not a readable state-dict checkpoint \(UnpicklingError\)"),
+    (_load_as_adapter, r"--adapter .*evil.pt: not a readable adapter file \(UnpicklingError\)"),
+], ids=["checkpoint", "adapter"])
+def test_pickled_code_in_a_checkpoint_or_adapter_is_refused_and_never_run(lt_store, tmp_path, load, message):
     marker = tmp_path / "ran"
     evil = tmp_path / "evil.pt"
     torch.save(Evil(marker), evil)
-    with pytest.raises(UserError, match=r"evil.pt: not a readable state-dict checkpoint \(UnpicklingError\)"):
-        create_model("ballad-tiny", pretrained=str(evil))
-    with pytest.raises(UserError, match=r"--adapter .*evil.pt: not a readable adapter file \(UnpicklingError\)"):
-        load_adapter(evil, FeatureStore.open(lt_store), lt_store)
+    with pytest.raises(UserError, match=message):
+        load(evil, lt_store)
     assert not marker.exists()
 
 
@@ -415,11 +440,14 @@ def test_verify_bundle(bundle, tmp_path, damage, problem):
     assert problem in line
 
 
-def test_verify_refuses_what_it_cannot_check(tmp_path):
-    assert one_line_error(CliRunner().invoke(main, ["verify", str(tmp_path / "nope")])) == \
-        f"Error: {tmp_path / 'nope'}: no such file or directory"
-    line = one_line_error(CliRunner().invoke(main, ["verify", str(tmp_path)]))
-    assert line.startswith(f"Error: {tmp_path}: not a dataset directory, feature store, Phase A checkpoint directory or bundle")
+@pytest.mark.parametrize("name, error, rest", [
+    ("nope", "{path}: no such file or directory", ""),
+    ("", "{path}: not a dataset directory, feature store, Phase A checkpoint directory or bundle", ".*"),
+], ids=["missing", "unknown-kind"])
+def test_verify_refuses_what_it_cannot_check(tmp_path, name, error, rest):
+    path = tmp_path / name
+    line = one_line_error(CliRunner().invoke(main, ["verify", str(path)]))
+    assert re.fullmatch(re.escape("Error: " + error.format(path=path)) + rest, line), line
 
 
 # ---------------------------------------------------------------- fault injection

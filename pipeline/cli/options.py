@@ -56,8 +56,8 @@ def field_option(f: Field):
     if f.default_factory is not MISSING:
         return click.option(flag, f.name, default=f.default_factory, type=kind, help=help,
                             show_default=meta.get("show_default", True))
-    if f.default is MISSING:
-        return click.option(flag, f.name, required=True, type=kind, help=help)
+    if f.default is MISSING:  # required; ``none`` in the metadata: and may be none
+        return click.option(flag, f.name, required=True, type=OrNone(kind) if meta.get("none") else kind, help=help)
     if f.default is None:
         return click.option(flag, f.name, default=None, type=OrNone(kind), help=help)
     return click.option(flag, f.name, default=f.default, show_default=True, type=kind or type(f.default), help=help)
