@@ -1,4 +1,4 @@
-"""python -m bench.faults [--trials N] [--stages prepare,extract,adapter] [--seed S] [--work DIR]
+"""python -m bench.faults [--trials N] [--stages prepare,phase-a,extract,adapter] [--seed S] [--work DIR]
 
 Fault injection, outside CI (tests/test_reliability.py runs a few `prepare` trials). Per stage, one
 uninterrupted run gives the reference output, its duration and when its output first appeared; each
@@ -7,6 +7,9 @@ random moment, re-runs the command to the end and compares the final output with
 bit:
 
 - prepare: every file of the dataset directory (shards and dataset.json) byte for byte;
+- phase-a (`--resume`, as dvc.yaml runs it): final.pt's tensors byte for byte and final.json's steps,
+  selected epoch and val accuracy (a resumed run continues from last.pt's step with its saved RNG states, so it
+  must end where the uninterrupted run did);
 - extract: every array of the store (dtype, shape, bytes) and every attribute but `created`;
 - adapter: the state dict (dtype, shape, bytes), the losses and the config.
 
@@ -33,10 +36,13 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "extract", "adapter")
+STAGES = ("prepare", "phase-a", "extract", "adapter")
+NEEDS = {"prepare": None, "phase-a": "prepare", "extract": "prepare", "adapter": "extract"}  # whose reference it reads
 PREPARE = ["prepare", "synthetic", "--max-count", "60", "--imbalance", "20", "--test-per-class", "4",
            "--val-per-class", "2", "--shard-size", "25"]
 EXTRACT = ["extract", "--ckpt", "none", "--model", "ballad-tiny", "--batch-size", "32", "--workers", "0", "--device", "cpu"]
+PHASE_A = ["phase-a", "--model", "ballad-tiny", "--pretrained", "none", "--epochs", "3", "--batch-size", "32",
+           "--optimizer", "adamw", "--lr", "1e-3", "--workers", "0", "--device", "cpu", "--resume"]
 ADAPTER = ["adapter", "--epochs", "20", "--batch-size", "64", "--device", "cpu"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "BALLAD_PROGRESS": "0"}
 
@@ -120,27 +126,48 @@ def same_store(a: Path, b: Path) -> str | None:
     return None
 
 
+def same_tensors(sx: dict, sy: dict, what: str) -> str | None:
+    import torch
+
+    if sx.keys() != sy.keys():
+        return f"{what} keys differ"
+    for k in sx:
+        if sx[k].dtype != sy[k].dtype or sx[k].shape != sy[k].shape or \
+                not torch.equal(sx[k].flatten().view(torch.uint8), sy[k].flatten().view(torch.uint8)):
+            return f"{what}[{k}] differs"
+    return None
+
+
 def same_adapter(a: Path, b: Path) -> str | None:
     import torch
 
     x, y = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
-    sx, sy = x["state_dict"], y["state_dict"]
-    if sx.keys() != sy.keys():
-        return "state dict keys differ"
-    for k in sx:
-        if sx[k].dtype != sy[k].dtype or sx[k].shape != sy[k].shape or \
-                not torch.equal(sx[k].flatten().view(torch.uint8), sy[k].flatten().view(torch.uint8)):
-            return f"state_dict[{k}] differs"
-    return next((f"{k} differs" for k in ("losses", "config") if x[k] != y[k]), None)
+    return same_tensors(x["state_dict"], y["state_dict"], "state_dict") or \
+        next((f"{k} differs" for k in ("losses", "config") if x[k] != y[k]), None)
+
+
+def same_phase_a(a: Path, b: Path) -> str | None:
+    import json
+
+    import torch
+
+    x, y = (torch.load(p / "final.pt", map_location="cpu", weights_only=True) for p in (a, b))
+    ja, jb = (json.loads((p / "final.json").read_text()) for p in (a, b))
+    return same_tensors(x, y, "final.pt") or \
+        next((f"final.json {k} differs" for k in ("steps", "selected_epoch", "val_acc", "sha256")
+              if ja.get(k) != jb.get(k)), None)
 
 
 # ---------------------------------------------------------------- per stage: command, output, comparison
 def stage_setup(stage: str, work: Path) -> tuple[list[str], Path, Callable[[Path, Path], str | None]]:
     """(command less --out, the output path trials write, comparison); inputs are the references of
     the stages before (the dataset of prepare's, the store of extract's)."""
-    out = work / stage / {"prepare": "shapes", "extract": "features.zarr", "adapter": "adapter.pt"}[stage]
+    out = work / stage / {"prepare": "shapes", "phase-a": "checkpoint", "extract": "features.zarr",
+                          "adapter": "adapter.pt"}[stage]
     if stage == "prepare":
         return PREPARE + ["--out", str(out)], out, same_tree
+    if stage == "phase-a":
+        return PHASE_A + ["--data", str(work / "prepare" / "reference"), "--out", str(out)], out, same_phase_a
     if stage == "extract":
         return EXTRACT + ["--data", str(work / "prepare" / "reference"), "--out", str(out)], out, same_store
     return ADAPTER + ["--features", str(work / "extract" / "reference"), "--out", str(out)], out, same_adapter
@@ -197,8 +224,12 @@ def main(argv=None) -> int:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if args.trials < 1 or not stages or any(s not in STAGES for s in stages):
         parser.error(f"--trials must be at least 1 and --stages a list of {', '.join(STAGES)}")
-    # extract reads prepare's reference and adapter extract's: their references are built first
-    needed = [s for s in STAGES if s in stages or STAGES.index(s) < max(STAGES.index(t) for t in stages)]
+    needed = set(stages)  # and the stages whose references they read, built first
+    for stage in stages:
+        while NEEDS[stage]:
+            stage = NEEDS[stage]
+            needed.add(stage)
+    needed = [s for s in STAGES if s in needed]
     work = args.work or Path(tempfile.mkdtemp(prefix="ballad-faults-"))
     print(f"{datetime.now(timezone.utc).date()}, {cpu_model()}, seed {args.seed}, work {work}", flush=True)
     failed = 0
