@@ -185,6 +185,7 @@ def remove(path: Path) -> None:
 def run_stage(stage: str, work: Path, trials: int, rng: random.Random) -> dict:
     args, out, same = stage_setup(stage, work)
     reference = out.with_name("reference")
+    out.parent.mkdir(parents=True, exist_ok=True)  # `writing` watches it from the start
     remove(out)
     remove(reference)
     first, total = run_to_end(args, out)

@@ -68,14 +68,17 @@ def test_dvc_repro_runs_every_stage_and_lambda_reruns_only_phase_b(tmp_path):
     for m in reports:
         values = json.loads((repo / m).read_text())
         assert {"top1", "top5", "many", "medium", "few", "ece", "num_test", "num_classes"} <= set(values)
-    # dvclive's files of Phase A (per step) and Phase B (per epoch), which `dvc plots` draws
-    assert set(metrics) - set(reports) == {"checkpoints/phase_a/dvclive/metrics.json", "models/adapter.dvclive/metrics.json"}
+    # dvclive's files of pretraining and Phase A (per step) and Phase B (per epoch), which `dvc plots` draws
+    assert set(metrics) - set(reports) == {"checkpoints/pretrain/dvclive/metrics.json",
+                                           "checkpoints/phase_a/dvclive/metrics.json", "models/adapter.dvclive/metrics.json"}
+    assert set(json.loads((repo / "checkpoints/pretrain/dvclive/metrics.json").read_text())) >= {"loss", "lr", "step"}
     assert json.loads((repo / "models/adapter.dvclive/metrics.json").read_text())["step"] == 2
     assert set(json.loads((repo / "checkpoints/phase_a/dvclive/metrics.json").read_text())["train"]) == {
         "loss", "lr", "images_per_s"}
     plots = _dvc(repo, "plots", "show", "--json")
     assert "checkpoints/phase_a/dvclive/plots/metrics/train/loss.tsv" in plots
     assert "models/adapter.dvclive/plots/metrics/train/loss.tsv" in plots
+    assert "checkpoints/pretrain/dvclive/plots/metrics/loss.tsv" in plots
     assert (repo / "reports/sweep/sweep.json").is_file()
 
     _set_params(repo, {"adapter": {"lambda": 0.5}})
