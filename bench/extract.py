@@ -40,12 +40,13 @@ SIZES = {
 }
 
 
-def jpeg(seed: int, width: int = 500, height: int = 375) -> bytes:
-    """A smooth random colour field with noise: decodes like a photo, unlike flat colour or pure noise."""
+def jpeg(seed: int, width: int = 500, height: int = 375, grid: tuple[int, int] = (6, 8)) -> bytes:
+    """A smooth random colour field (``grid`` random colours, upsampled) with noise: decodes like a photo,
+    unlike flat colour or pure noise."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    small = Image.fromarray(rng.integers(0, 256, (*grid, 3), dtype=np.uint8))
     img = np.asarray(small.resize((width, height), Image.BILINEAR), dtype=np.int16)
     img = np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
