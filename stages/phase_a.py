@@ -466,7 +466,7 @@ class _Run:
         if ckpt["step"] != self.best["epoch"] * self.steps_per_epoch:
             raise UserError(f"{self.best_path}: holds epoch {held}, but {self.last_path} names epoch "
                             f"{self.best['epoch']} as the best; delete {self.last_path} to start over")
-        save_torch({"model": ckpt["model"], **self.best}, self.best_path)
+        _save_best(self.best_path, ckpt["model"], self.best)
 
     def train(self) -> Path:
         cfg, dist, device, world = self.cfg, self.dist, self.device, self.dist.world_size
@@ -558,7 +558,7 @@ class _Run:
             return False
         self.best = {"epoch": epoch, "val_acc": acc}
         self._save_last()
-        save_torch({"model": self._state(), **self.best}, self.best_path)
+        _save_best(self.best_path, self._state(), self.best)
         return True
 
     def _test(self, epoch: int) -> None:
@@ -655,4 +655,8 @@ def make_optimizer(cfg: PhaseAConfig, model) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _save_best(path: Path, state_dict, best: dict) -> None:
+    save_torch({"model": state_dict, **best}, path)
 
