@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bench.common import check, print_table, sizes, time_many
+from pipeline.images import MAX_PIXELS
 from pipeline.models import create_model
 from pipeline.runtime import autocast
 from stages.extract import run_shards
@@ -66,7 +67,7 @@ def decoded_batches(shards, backbone, batch: int, workers: int) -> list[torch.Te
     """The shards' images through the eval transform as normalised CPU batches: the loader of extract's
     --decode cpu path without the model."""
     pixels, cpu = WorkerPixels(backbone, None), torch.device("cpu")
-    return [pixels.ready(b, cpu, False, None).images for b in make_loader(shards, pixels, batch, workers, False)
+    return [pixels.ready(b, cpu, False, None, MAX_PIXELS).images for b in make_loader(shards, pixels, batch, workers, False)
             if b.keys]
 
 

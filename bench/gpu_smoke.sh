@@ -19,6 +19,6 @@ cli() { "$PY" -m pipeline.cli "$@"; }
   cli adapter --features "$W/phase_a.zarr" --lambda 0.2 --batch-size 128 --out "$W/adapter.pt" --device cuda
   cli evaluate --features "$W/phase_a.zarr" --adapter none --out "$DEST/smoke_phase_a"
   cli evaluate --features "$W/phase_a.zarr" --adapter "$W/adapter.pt" --out "$DEST/smoke_ballad"
-  cli phase-a --data "$W/data" --model RN50 --out "$W/rn50" --epochs 1 --batch-size 256 --micro-batch 128 \
+  cli phase-a --data "$W/data" --model RN50 --out "$W/rn50" --epochs 1 --schedule standard --batch-size 256 --micro-batch 128 \
     --grad-checkpointing --workers 8 --optimizer sgd --lr 1e-5
 } 2>&1 | tee "$DEST/gpu_smoke.log"

@@ -70,7 +70,7 @@ def text_step(backbone, prompts: int, device):
 def epoch_times(backbone, feats, labels, text, micro: int, text_prompts: int, device, repeat: int) -> dict:
     """Cached and BALLAD-style epoch seconds on the train split (feats, labels, text), timed side by side."""
     feats, labels, text = feats.to(device).float(), labels.to(device), text.to(device)
-    cfg = TrainConfig(epochs=1)
+    cfg = TrainConfig(epochs=1, schedule="standard")
     t = time_many({"cached": lambda: fit(feats, labels, text, SCALE, cfg),
                    "step": ballad_step(backbone, len(text), micro, device),
                    "text": text_step(backbone, text_prompts, device)}, device, repeat)

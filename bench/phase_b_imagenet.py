@@ -53,14 +53,14 @@ def run(quick: bool, device) -> dict:
     n, k, d = data.IMAGENET_LT["n"], data.IMAGENET_LT["classes"], data.IMAGENET_LT["dim"]
     feats, labels, text = data.lt_split(n, k, d)
     feats, labels, text = feats.to(device).float(), labels.to(device), text.to(device)  # as train_adapter loads them
-    cfg = TrainConfig(epochs=size["epochs"])
+    cfg = TrainConfig(epochs=size["epochs"], schedule="standard")  # timed only; --quick's one epoch needs lr > 0
     steps = max(1, n // cfg.batch_size) * EPOCHS
     mm = matmul_step(cfg.batch_size, d, k, device)
     per_step = time_many({"matmuls": lambda: [mm() for _ in range(20)]}, device, repeat=5)["matmuls"] / 20
     sub = 20 * cfg.batch_size  # 20 steps show where a step's time goes; also the warm-up of fit()
 
     def warm_up():
-        fit(feats[:sub], labels[:sub], text, SCALE, TrainConfig(epochs=1))
+        fit(feats[:sub], labels[:sub], text, SCALE, TrainConfig(epochs=1, schedule="standard"))
 
     if dev.type == "cpu":
         ops = profile(warm_up)

@@ -31,7 +31,7 @@ SIZES["cuda"] = SIZES["cpu"]
 def epoch_s(feats, labels, text, device) -> float:
     """Seconds of one Phase B epoch through the product's fit()."""
     feats, labels, text = feats.to(device).float(), labels.to(device), text.to(device)
-    return time_many({"fit": lambda: fit(feats, labels, text, SCALE, TrainConfig(epochs=1))}, device,
+    return time_many({"fit": lambda: fit(feats, labels, text, SCALE, TrainConfig(epochs=1, schedule="standard"))}, device,
                      repeat=1, warmup=0)["fit"]
 
 

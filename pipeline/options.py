@@ -10,12 +10,20 @@ turns the fields made here into click options.
   param as ``None``; users write ``none``. The CLI converts them once (``OrNone``), so stages receive
   Python's None; a stage whose Python callers pass ``"none"`` calls ``none_to_null`` on entry.
 - ``DEVICE`` / ``DEVICE_HELP``: the one default and help of ``--device`` on every command.
-- ``refuse`` / ``check_finite`` / ``check_choices``: a config's checks, each failure one line that
-  names the option by its flag and value (``--lr nan: must be …``).
+- ``refuse`` / ``check_ints`` / ``check_finite`` / ``check_choices``: a config's checks, each failure one
+  line that names the option by its flag and value (``--lr nan: must be …``); ``check_int`` and
+  ``check_number`` check one value named by its flag, for the stages whose options have no config.
+  Every integer option has a range with an upper end: ``INT_MAX`` where nothing smaller applies.
+  A NaN fails every comparison, so a float's range alone would let it through: the number checks
+  refuse NaN and ±inf first. They are the stages' checks, run before any work, not click types: the
+  stages' Python callers get them too, and the message says the range (``--lr nan: must be above 0
+  and finite``) where a type could only say "not finite". tests/test_cli_options.py holds every
+  command to it, feeding every numeric option NaN, ±inf and out-of-range integers.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import MISSING, field
 from typing import Callable, Iterable, NoReturn
 
@@ -23,6 +31,9 @@ from pipeline.errors import UserError
 
 NONE_WORDS = ("none", "None", "")
 DEVICE = "auto"
+# The largest integer option: counts, sizes and seeds become 64-bit integers (numpy, torch, zarr), so a
+# larger one is a typo (10^30 epochs), refused in one line rather than overflowing later.
+INT_MAX = 2**63 - 1
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto: CUDA when present, else the CPU."
 
 
@@ -49,9 +60,42 @@ def option(default, flag: str, help: str, choices: tuple[str, ...] | None = None
     return field(default=default, metadata=metadata)
 
 
+def _flag(config, name: str) -> str:
+    return config.__dataclass_fields__[name].metadata["flag"]
+
+
 def refuse(config, name: str, why: str) -> NoReturn:
     """A one-line UserError naming field ``name`` of the config dataclass ``config`` by its flag and value."""
-    raise UserError(f"{config.__dataclass_fields__[name].metadata['flag']} {getattr(config, name)}: {why}")
+    raise UserError(f"{_flag(config, name)} {getattr(config, name)}: {why}")
+
+
+def check_int(flag: str, value, least: int, most: int = INT_MAX, why: str | None = None) -> None:
+    """Refuses ``value`` unless it is an integer (not a bool) from ``least`` to ``most``: one line naming
+    ``flag``, saying ``why`` (default: the range); one above ``INT_MAX`` is refused as too large."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if whole and least <= value <= most:
+        return
+    if whole and most == INT_MAX and value > most:
+        why = "must be below 2^63"
+    elif why is None:
+        why = "must be an integer " + (f"at least {least}" if most == INT_MAX else f"from {least} to {most}")
+    raise UserError(f"{flag} {value}: {why}")
+
+
+def check_number(flag: str, value, why: str, ok: bool = True) -> None:
+    """Refuses ``value`` unless it is a finite real number (not a bool) and ``ok``: one line naming ``flag``."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (ok and number and math.isfinite(value)):
+        raise UserError(f"{flag} {value}: {why}")
+
+
+def check_ints(config, rules: Iterable[tuple[str, int, int, str]]) -> None:
+    """``check_int`` for the first field of ``rules`` (name, least, most, why) out of range; None passes
+    for a field whose default is None."""
+    for name, least, most, why in rules:
+        value = getattr(config, name)
+        if value is not None or config.__dataclass_fields__[name].default is not None:
+            check_int(_flag(config, name), value, least, most, why)
 
 
 def check_finite(config, rules: Iterable[tuple[str, bool, str]]) -> None:
@@ -59,9 +103,10 @@ def check_finite(config, rules: Iterable[tuple[str, bool, str]]) -> None:
     passes where ok allows it)."""
     for name, ok, why in rules:
         value = getattr(config, name)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or (value is not None and not (number and math.isfinite(value))):
+        if value is None and not ok:
             refuse(config, name, why)
+        if value is not None:
+            check_number(_flag(config, name), value, why, ok)
 
 
 def check_choices(config, names: Iterable[str]) -> None:

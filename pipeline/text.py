@@ -8,6 +8,8 @@ in Phase A where all K class prompts pass through the text tower with gradients 
 """
 from __future__ import annotations
 
+import string
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,20 @@ ENSEMBLE_TEMPLATES = (
     "art of the {}.",
     "a photo of the small {}.",
 )
+
+
+def template_problem(template: str) -> str | None:
+    """Why ``template`` is not a prompt template, or None. A template is applied with ``str.format`` (as
+    CLIP's and the authors' code apply it) and comes from files (dataset.json, ``--templates FILE``), so
+    it must hold exactly one bare ``{}`` and nothing else ``format`` would act on: a field name or a
+    format spec could look up attributes of the class name, raise, or pad a prompt to any length."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:  # an unmatched brace
+        return f"is not a template ({e}); write one {{}} where the class name goes"
+    if fields != [("", "", None)]:
+        return "must hold exactly one {} (where the class name goes) and no other {…} field"
+    return None
 
 
 def class_prompts(classnames, template: str = DEFAULT_TEMPLATE) -> list[str]:

@@ -56,7 +56,7 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.prior import log_prior
 from pipeline.runtime import cpu_threads_for, pick_device, progress, save_torch
-from pipeline.schedule import epoch_lr
+from pipeline.schedule import epoch_lr, note_zero_lr
 from stages.adapter_config import TrainConfig
 from stages.samplers import EpochSampler
 
@@ -194,8 +194,6 @@ def fit(feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: fl
     {"train/loss", "train/lr", "val/top1"})`` after every epoch (1-based; val/top1 None without val)."""
     cfg.check()
     select = cfg.resolved_select(val is not None, "the data given to fit")
-    if cfg.epochs == 1 and cfg.schedule == "authors":
-        log.warning("--epochs 1 with --schedule authors: the one epoch runs at lr 0 and trains nothing")
     device = feats.device
     with torch.random.fork_rng(devices=[]):  # nn.Linear draws its init from the global CPU generator
         torch.manual_seed(cfg.seed)
@@ -348,6 +346,7 @@ def train_adapter(features: str | Path, out: str | Path, cfg: TrainConfig = Trai
     from store.features import FeatureStore
 
     cfg.check()
+    note_zero_lr(cfg.epochs, cfg.schedule)
     store = FeatureStore.open(features)
     dev = pick_device(device)
     feats, labels, text, val, views = training_data(store, cfg, dev, max_view_bytes)

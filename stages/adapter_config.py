@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.errors import UserError
-from pipeline.options import check_choices, check_finite, option, refuse
-from pipeline.schedule import SCHEDULES
+from pipeline.options import INT_MAX, check_choices, check_finite, check_ints, option
+from pipeline.schedule import SCHEDULES, check_epochs
 
 SAMPLERS = ("class-aware", "class-balanced", "sqrt", "instance", "progressive")
 FORMS = ("linear", "relu")
@@ -53,18 +53,16 @@ class TrainConfig:
 
     def check(self) -> None:
         """Every option in range, before any work starts: a one-line UserError naming the flag."""
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                refuse(self, name, "must be a whole number ≥ 1")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
-            refuse(self, "seed", "must be a whole number in [0, 2^63)")
+        check_ints(self, (("epochs", 1, INT_MAX, "must be a whole number ≥ 1"),
+                          ("batch_size", 1, INT_MAX, "must be a whole number ≥ 1"),
+                          ("seed", 0, INT_MAX, "must be a whole number in [0, 2^63)")))
         check_finite(self, (("lam", 0 <= self.lam <= 1, "must be in [0, 1]"),
                             ("lr", self.lr > 0, "must be finite and > 0"),
                             ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
                             ("weight_decay", self.weight_decay >= 0, "must be finite and ≥ 0"),
                             ("la_tau", self.la_tau >= 0, "must be finite and ≥ 0")))
         check_choices(self, ("sampler", "form", "position", "schedule", "select", "loss", "views"))
+        check_epochs(self)
 
     def resolved_views(self, num_views: int, source: str = "the feature store") -> str:
         """``all`` or ``none``: ``auto`` is ``all`` exactly when the train split has augmented views."""

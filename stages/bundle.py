@@ -27,19 +27,43 @@ import json
 import shutil
 import tempfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import UserError
-from pipeline.options import none_to_null
+from pipeline.images import MAX_PIXELS, BadImage, open_image, read_file
+from pipeline.options import check_int, none_to_null
 from pipeline.runtime import pick_device, sha256_file
+from pipeline.validate import SHA256, TEXT, Field, check
+from stages.adapter_config import FORMS, POSITIONS
+from store.features import DTYPES, LOGIT_SCALE, MAYBE_TEXT, TEMPLATES
 
 FORMAT = "ballad-bundle/1"
 META_FILE = "bundle.json"
 MODEL_FILE = "model.safetensors"
 HEAD_FILE = "head.safetensors"
-META_KEYS = ("model", "adapter", "classnames", "templates", "logit_scale", "feature_dtype", "transform", "files")
+# What bundle.json may hold (pipeline/validate.py), checked by ``read_meta``: the sha256 records cover
+# the tensor files, not bundle.json itself, and its numbers and names go straight into the model.
+BUNDLE_META = {
+    "model": Field("dict", keys={"name": Field("text", low=1), "config": Field("dict", null=True, optional=True),
+                                 "pretrained": MAYBE_TEXT, "checkpoint": MAYBE_TEXT,
+                                 "checkpoint_sha256": replace(SHA256, null=True, optional=True),
+                                 "embed_dim": Field("int", optional=True, low=1)}),
+    "adapter": Field("dict", null=True, keys={"file": TEXT, "sha256": SHA256, "config": Field("dict", keys={
+        "lam": Field("number", low=0, high=1), "form": Field("text", choices=FORMS),
+        "position": Field("text", choices=POSITIONS)})}),
+    "classnames": Field("list", low=1, unique=True, items=Field("text", low=1)),
+    "templates": TEMPLATES, "logit_scale": LOGIT_SCALE, "feature_dtype": Field("text", choices=DTYPES),
+    "transform": Field("dict", keys={  # and on load, equal to the one the model builds
+        "resize_shorter_side": Field("int", low=1), "interpolation": TEXT,
+        "center_crop": Field("list", length=2, items=Field("int", low=1)),
+        "mean": Field("list", low=1, items=Field("number")),
+        "std": Field("list", low=1, items=Field("number", low=0, above=True))}),
+    "store": Field("dict", null=True, optional=True, keys={"path": TEXT, "fingerprint": Field("dict")}),
+    "files": Field("dict", keys={MODEL_FILE: SHA256, HEAD_FILE: SHA256}),
+}
 
 
 # ---------------------------------------------------------------- export
@@ -164,7 +188,13 @@ class Bundle:
                             f"({len(names)}, {backbone.embed_dim}) for the bundle's classes and model")
         c = meta["adapter"]["config"] if meta["adapter"] else {}
         adapter = Adapter(backbone.embed_dim, meta["logit_scale"], **{k: c.get(k) for k in ("lam", "form", "position")})
-        adapter.load_state_dict({k.removeprefix("adapter."): v for k, v in head.items() if k.startswith("adapter.")})
+        state = {k.removeprefix("adapter."): v for k, v in head.items() if k.startswith("adapter.")}
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes != {k: tuple(v.shape) for k, v in adapter.state_dict().items()}:
+            kind = f"a {c['position']} {c['form']} adapter of {backbone.embed_dim} dims" if c else "no adapter"
+            raise UserError(f"{path / HEAD_FILE}: holds the adapter tensors {shapes or 'none'}, but {META_FILE} "
+                            f"describes {kind}; re-export the bundle")
+        adapter.load_state_dict(state)
         return cls(path, meta, backbone, adapter.to(dev).eval(), text, dev)
 
     def set_classes(self, names) -> None:
@@ -207,11 +237,7 @@ class Bundle:
 
     def predict(self, images, top_k: int = 5, batch_size: int = 64, tta: str = "none") -> list[list[tuple[str, float]]]:
         """Per image, the ``top_k`` (class name, probability) pairs, best first (``tta``: see ``logits``)."""
-        from pipeline.views import check_test_views
-
-        if top_k < 1 or batch_size < 1:
-            raise UserError(f"top_k {top_k} and batch_size {batch_size}: both must be at least 1")
-        check_test_views(tta, "--tta")
+        check_predict_options(top_k, batch_size, tta)
         images, out = list(images), []
         for i in range(0, len(images), batch_size):
             probs = self.logits(images[i:i + batch_size], tta).float().softmax(dim=1)
@@ -220,8 +246,18 @@ class Bundle:
         return out
 
 
+def check_predict_options(top_k: int, batch_size: int, tta: str) -> None:
+    """`predict`'s options in range: a one-line UserError naming the first that is not. The command checks
+    them before it reads any file, ``Bundle.predict`` for its Python callers."""
+    from pipeline.views import check_test_views
+
+    check_int("--top-k", top_k, 1)
+    check_int("--batch-size", batch_size, 1)
+    check_test_views(tta, "--tta")
+
+
 def read_meta(path: Path) -> dict:
-    """A bundle's bundle.json, checked for format and keys (``Bundle.load`` and ``verify`` read it)."""
+    """A bundle's bundle.json, every key checked (``Bundle.load`` and ``verify`` read it)."""
     file = path / META_FILE
     if not file.is_file():
         raise UserError(f"{path}: not a bundle (no {META_FILE}; `ballad-pipe export` writes one)")
@@ -231,10 +267,7 @@ def read_meta(path: Path) -> dict:
         raise UserError(f"{file}: malformed ({e.__class__.__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{file}: not a {FORMAT} bundle description")
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise UserError(f"{file}: missing key '{missing[0]}'")
-    return meta
+    return check(meta, BUNDLE_META, str(file), remedy="re-export the bundle (`ballad-pipe export`)")
 
 
 # ---------------------------------------------------------------- files
@@ -264,18 +297,17 @@ def image_files(inputs) -> list[Path]:
     return files
 
 
-def predict_files(bundle: Bundle, paths, top_k: int = 5, batch_size: int = 64, tta: str = "none"):
-    """Yield (path, predictions, None) or (path, None, error) per path, in order, ``batch_size`` images at a time."""
-    from PIL import Image
-
+def predict_files(bundle: Bundle, paths, top_k: int = 5, batch_size: int = 64, tta: str = "none",
+                  max_pixels: int = MAX_PIXELS):
+    """Yield (path, predictions, None) or (path, None, why it is unreadable) per path, in order,
+    ``batch_size`` images at a time; images are decoded as store.stream decodes shard images."""
     for i in range(0, len(paths), batch_size):
         chunk, images, errors = paths[i:i + batch_size], [], {}
         for p in chunk:
             try:
-                with Image.open(p) as im:
-                    images.append(im.convert("RGB"))  # as store.stream decodes shard images
-            except Exception as e:  # any open/decode failure means the same: this file is skipped
-                errors[p] = e.__class__.__name__
+                images.append(open_image(read_file(p), str(p), max_pixels))
+            except BadImage as e:
+                errors[p] = e.reason
         preds = iter(bundle.predict(images, top_k, batch_size, tta) if images else [])
         for p in chunk:
             yield (p, None, errors[p]) if p in errors else (p, next(preds), None)

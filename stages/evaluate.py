@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
+from pipeline.options import check_int, check_number
 from pipeline.runtime import atomic_path, pick_device, write_json
 from pipeline.prior import log_prior
 from pipeline.shots import FEW, MANY, group_means
@@ -38,6 +39,9 @@ TTA_MODES = ("none", "mean")
 
 
 def check_thresholds(many: int, few: int) -> None:
+    """The shot-group thresholds (train image counts) in range, before the store is opened."""
+    check_int("--many-threshold", many, 0)
+    check_int("--few-threshold", few, 0)
     if few > many:
         raise UserError(f"--few-threshold {few} exceeds --many-threshold {many}")
 
@@ -97,6 +101,7 @@ def evaluate(features: str | Path, out: str | Path, adapter: str | None = None, 
 
     check_thresholds(many, few)
     knn.check()
+    check_number("--logit-adjust", logit_adjust, "must be a finite number")
     if tta not in TTA_MODES:
         raise UserError(f"--tta {tta}: choose one of {', '.join(TTA_MODES)}")
     store = FeatureStore.open(features)

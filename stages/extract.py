@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.images import MAX_PIXELS
 from pipeline.options import none_to_null
 from stages.extract_config import ExtractConfig
 from stages.extract_data import DevicePixels, WorkerPixels, default_workers, extra_views, make_loader
@@ -56,7 +57,7 @@ def extract(ckpt: str | None, data, out, **options) -> dict:
     cfg = ExtractConfig(ckpt=none_to_null(ckpt), data=data, out=out, **options)
     cfg.check()
     workers = default_workers() if cfg.workers is None else cfg.workers
-    dataset = load_dataset(data)
+    dataset = load_dataset(data, allow_commands=cfg.allow_commands)
     splits = cfg.split_list() or list(dataset.splits)
     urls = {split: dataset.urls(split) for split in splits}  # names the missing split or shard
     template_list = resolve_templates(cfg.templates, dataset.template)
@@ -137,17 +138,19 @@ def _extract_split(writer, urls, backbone, dev, dist, cfg: ExtractConfig, worker
         log.info("%s: %d of %d shard(s) already extracted, computing %d", split, len(mine) - len(todo), len(mine), len(todo))
     if todo:
         log.info("%s: decoding on the %s", split, "model's device" if on_device else "CPU, in the loader workers")
-        run_shards(writer, [(s, urls[s]) for s in todo], backbone, dev, cfg.batch_size, workers, cfg.strict,
-                   cfg.view_seed, on_device)
+        run_shards(writer, [(s, urls[s]) for s in todo], backbone, dev, cfg.batch_size, workers, cfg.skip_bad,
+                   cfg.view_seed, on_device, cfg.max_pixels)
     barrier(dist)
     writer.finish(backbone.embed_dim, dist.rank, dist.world_size, lambda: barrier(dist))
     return len(todo)
 
 
-def run_shards(writer: SplitWriter, shards, backbone, dev, batch_size: int, workers: int, strict: bool,
-               view_seed: int = 0, on_device: bool = False) -> None:
+def run_shards(writer: SplitWriter, shards, backbone, dev, batch_size: int, workers: int, skip_bad: bool,
+               view_seed: int = 0, on_device: bool = False, max_pixels: int = MAX_PIXELS) -> None:
     """Compute and stage ``shards`` [(index, url)] of one split, with the extra views ``writer.extra``
-    names; ``on_device``: images decoded on ``dev`` (--decode gpu), else in the loader workers."""
+    names; ``on_device``: images decoded on ``dev`` (--decode gpu), else in the loader workers. An
+    unreadable image (or one above ``max_pixels``) stops the run, or with ``skip_bad`` is recorded as
+    skipped."""
     import torch
 
     from pipeline.encode import image_features
@@ -156,7 +159,8 @@ def run_shards(writer: SplitWriter, shards, backbone, dev, batch_size: int, work
     model = backbone.model.to(dev).eval()
     store_dtype = getattr(torch, writer.dtype.name)
     pixels = (DevicePixels if on_device else WorkerPixels)(backbone, writer.extra, view_seed)
-    loader = make_loader(shards, pixels, batch_size, workers, strict, pin_memory=dev.type == "cuda" and not on_device)
+    loader = make_loader(shards, pixels, batch_size, workers, skip_bad, pin_memory=dev.type == "cuda" and not on_device,
+                         max_pixels=max_pixels)
     pending: dict[int, list[tuple]] = {}  # shard -> (keys, labels, features, view features) per batch so far
     dropped: dict[int, list[str]] = {}  # shard -> keys read but not decodable on the device
     bar = progress(total=len(shards), desc=f"extract {writer.split}", unit="shard")
@@ -166,7 +170,7 @@ def run_shards(writer: SplitWriter, shards, backbone, dev, batch_size: int, work
                 raise UserError(b.error)
             parts = pending.setdefault(b.shard, [])
             if b.keys:
-                ready = pixels.ready(b, dev, strict, dropped.setdefault(b.shard, []).append)
+                ready = pixels.ready(b, dev, skip_bad, dropped.setdefault(b.shard, []).append, max_pixels)
                 if ready.keys:
                     # Kept on the device until the shard ends, so a GPU is not stalled by a copy per batch.
                     extra = (pixels.view_features(model, ready, dev, store_dtype, batch_size)

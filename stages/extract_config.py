@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass
 
-from pipeline.options import DEVICE, DEVICE_HELP, check_choices, option, refuse
+from pipeline.images import MAX_PIXELS, MAX_PIXELS_HELP, SKIP_BAD_HELP
+from pipeline.options import DEVICE, DEVICE_HELP, INT_MAX, check_choices, check_ints, option
 from pipeline.views import TEST_VIEWS, check_test_views
 from store.stream import DECODE_HELP, DECODES
+from store.trust import ALLOW_COMMANDS, ALLOW_COMMANDS_HELP
 
 DTYPES = ("float16", "float32")
 MAX_TRAIN_VIEWS = 1024
@@ -36,7 +38,9 @@ class ExtractConfig:
                                                      "a file with one per line.")
     device: str = option(DEVICE, "--device", DEVICE_HELP)
     decode: str = option("auto", "--decode", DECODE_HELP, DECODES)
-    strict: bool = option(False, "--strict", "Fail on the first unreadable image instead of skipping it.")
+    allow_commands: bool = option(False, ALLOW_COMMANDS, ALLOW_COMMANDS_HELP)
+    skip_bad: bool = option(False, "--skip-bad", SKIP_BAD_HELP)
+    max_pixels: int = option(MAX_PIXELS, "--max-pixels", MAX_PIXELS_HELP)
     overwrite: bool = option(False, "--overwrite", "Replace a store made with another model, checkpoint or dataset.")
     train_views: int = option(0, "--train-views", f"Random train-transform views stored per train image, for "
                                                   f"Phase B (0 to {MAX_TRAIN_VIEWS}).")
@@ -48,14 +52,11 @@ class ExtractConfig:
 
     def check(self) -> None:
         """Every option in range before any work starts: a one-line UserError naming the first one that is not."""
-        rules = (("batch_size", self.batch_size >= 1, "must be at least 1"),
-                 ("workers", self.workers is None or self.workers >= 0, "must be 0 (read in the main process) or more"),
-                 ("train_views", 0 <= self.train_views <= MAX_TRAIN_VIEWS,
-                  f"must be between 0 (none) and {MAX_TRAIN_VIEWS}"),
-                 ("view_seed", self.view_seed >= 0, "must be 0 or more"))
-        for name, ok, why in rules:
-            if not ok:
-                refuse(self, name, why)
+        check_ints(self, (("batch_size", 1, INT_MAX, "must be at least 1"),
+                          ("workers", 0, INT_MAX, "must be 0 (read in the main process) or more"),
+                          ("train_views", 0, MAX_TRAIN_VIEWS, f"must be between 0 (none) and {MAX_TRAIN_VIEWS}"),
+                          ("view_seed", 0, INT_MAX, "must be 0 or more"),
+                          ("max_pixels", 1, INT_MAX, "must be at least 1")))
         check_test_views(self.test_views, "--test-views")
         check_choices(self, ("dtype", "decode"))
 

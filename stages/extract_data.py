@@ -21,6 +21,7 @@ import torch
 
 from pipeline.encode import image_features, normalised, split_transform, view_features
 from pipeline.errors import UserError
+from pipeline.images import MAX_PIXELS
 from pipeline.tensor_transforms import TensorTransform
 from pipeline.views import TEST_VIEWS, TrainViews, tta_views
 from store.features import TTA, VIEWS, ExtraViews
@@ -86,7 +87,7 @@ class WorkerPixels:
     def collate(self, images, views):
         return torch.stack(images), (torch.stack(views) if self.views else None)
 
-    def ready(self, b: Batch, dev, strict: bool, on_bad) -> Ready:
+    def ready(self, b: Batch, dev, skip_bad: bool, on_bad, max_pixels: int) -> Ready:
         return Ready(b.keys, b.labels, normalised(b.images, dev, self.normalize), b.views)
 
     def view_features(self, model, ready: Ready, dev, dtype, batch_size: int):
@@ -116,8 +117,8 @@ class DevicePixels:
     def collate(self, images, views):
         return encode_batch(images), None
 
-    def ready(self, b: Batch, dev, strict: bool, on_bad) -> Ready:
-        keep, images = decode_batch(b.keys, b.images, dev, strict, on_bad)
+    def ready(self, b: Batch, dev, skip_bad: bool, on_bad, max_pixels: int) -> Ready:
+        keep, images = decode_batch(b.keys, b.images, dev, skip_bad, on_bad, max_pixels)
         return Ready([b.keys[i] for i in keep], b.labels[keep], self.eval(images) if keep else None,
                      (images, [b.images.params[i] for i in keep]))
 
@@ -140,8 +141,9 @@ def _nothing(size, key):
 class ShardBatches(torch.utils.data.IterableDataset):
     """Whole shards read in loader workers; worker w takes shards w, w + W, …"""
 
-    def __init__(self, shards, pixels, batch_size: int, strict: bool):
-        self.shards, self.pixels, self.batch_size, self.strict = shards, pixels, batch_size, strict
+    def __init__(self, shards, pixels, batch_size: int, skip_bad: bool, max_pixels: int):
+        self.shards, self.pixels, self.batch_size = shards, pixels, batch_size
+        self.skip_bad, self.max_pixels = skip_bad, max_pixels
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -160,8 +162,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
 
     def _batches(self, shard, url):
         skipped, batch = [], []
-        stream = sample_stream([url], None, split_by_worker=False, strict=self.strict, on_bad=skipped.append,
-                               draw=self.pixels.draw)
+        stream = sample_stream([url], None, split_by_worker=False, skip_bad=self.skip_bad, on_bad=skipped.append,
+                               draw=self.pixels.draw, max_pixels=self.max_pixels)
         for key, img, label in stream:
             batch.append((key, label, *self.pixels.in_worker(img, key)))
             if len(batch) == self.batch_size:
@@ -177,9 +179,10 @@ class ShardBatches(torch.utils.data.IterableDataset):
         return Batch(shard, last, list(keys), images, torch.tensor(labels, dtype=torch.int32), skipped, views=views)
 
 
-def make_loader(shards, pixels, batch_size: int, workers: int, strict: bool, pin_memory: bool = False):
+def make_loader(shards, pixels, batch_size: int, workers: int, skip_bad: bool, pin_memory: bool = False,
+                max_pixels: int = MAX_PIXELS):
     """Batches of whole ``shards`` [(index, url)], their pixels made by ``pixels`` (a Pixels class)."""
     workers = min(workers, len(shards))
-    return torch.utils.data.DataLoader(ShardBatches(shards, pixels, batch_size, strict), batch_size=None,
+    return torch.utils.data.DataLoader(ShardBatches(shards, pixels, batch_size, skip_bad, max_pixels), batch_size=None,
                                        num_workers=workers, pin_memory=pin_memory,
                                        prefetch_factor=pixels.prefetch if workers else None)

@@ -1,18 +1,51 @@
 """What a feature store records about how it was made: the checkpoint and templates an extract run
-resolves from its options, the store's root attributes, and the command that reproduces it
-(readers name that command for an unfinished split)."""
+resolves from its options (the checkpoint's final.json, every key checked: ``read_checkpoint_meta``),
+the store's root attributes, and the command that reproduces it (readers name that command for an
+unfinished split)."""
 from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.options import none_to_null
-from pipeline.text import ENSEMBLE_TEMPLATES
+from pipeline.schedule import SCHEDULES
+from pipeline.tuning import TUNES
+from pipeline.validate import COUNT, SHA256, TEXT, Field, check
+from pipeline.text import ENSEMBLE_TEMPLATES, template_problem
 from stages.extract_config import ExtractConfig
-from store.features import FORMAT, make_fingerprint
+from store.features import FORMAT, LOGIT_SCALE, MAYBE_TEXT, TEMPLATES, make_fingerprint
+
+# final.json as phase-a and pretrain write it beside final.pt (pipeline/validate.py). extract reads the
+# model and the pretrained tag, verify the sha256; the rest is checked when present, as files written
+# by the other writer or an older version lack some. Phase A's own choices (batchnorm, precision,
+# select, classifier, loss) are provenance here, checked as one-line text: naming them would make
+# extract import Phase A's config, and DVC re-run every extraction after an edit to Phase A's options.
+CHECKPOINT_META = {
+    "model": Field("text", low=1), "pretrained": MAYBE_TEXT, "checkpoint": replace(TEXT, optional=True),
+    "sha256": replace(SHA256, optional=True),
+    "dataset": Field("dict", optional=True, keys={"name": TEXT, "fingerprint": TEXT, "path": TEXT}),
+    "classnames": Field("list", optional=True, low=1, items=Field("text", low=1)),
+    "template": replace(TEMPLATES.items, optional=True), "steps": replace(COUNT, optional=True),
+    "epochs": Field("number", optional=True, low=0), "steps_per_epoch": replace(COUNT, optional=True),
+    "logit_scale": replace(LOGIT_SCALE, optional=True),
+    "batchnorm": replace(TEXT, optional=True),
+    "precision": replace(TEXT, optional=True),
+    "schedule": Field("text", optional=True, choices=SCHEDULES),
+    "select": replace(TEXT, optional=True), "selected_epoch": replace(COUNT, optional=True),
+    "val_acc": Field("number", null=True, optional=True, low=0, high=1),
+    "tuning": Field("dict", optional=True, keys={"tune": Field("text", choices=TUNES)}),
+    "classifier": replace(TEXT, optional=True), "head_key": MAYBE_TEXT,
+    "loss": replace(TEXT, optional=True), "la_tau": Field("number", null=True, optional=True, low=0),
+    "eval": Field("dict", null=True, optional=True), "bad_samples": replace(COUNT, optional=True),
+    "world_size": Field("int", optional=True, low=1), "rank_param_digests": Field("list", optional=True, items=TEXT),
+    "config": Field("dict", optional=True),
+    "final_loss": Field("number", optional=True), "zero_shot_heldout": Field("dict", optional=True),
+    "corpus": Field("dict", optional=True), "seconds_this_attempt": Field("number", optional=True, low=0),
+}
 
 
 def resolve_templates(spec: str, dataset_template: str) -> list[str]:
@@ -24,16 +57,16 @@ def resolve_templates(spec: str, dataset_template: str) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise UserError(f"--templates {spec}: not 'single', 'ensemble' or an existing file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"--templates {spec}: not a UTF-8 text file of templates, one per line") from None
     found = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            ok = line.count("{}") == 1 and line.format("x") is not None
-        except (IndexError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise UserError(f"{path}:{lineno}: a template needs exactly one '{{}}' for the class name, got {line!r}")
+        if why := template_problem(line.strip()):
+            raise UserError(f"{path}:{lineno}: template {line.strip()!r} {why}")
         found.append(line.strip())
     if not found:
         raise UserError(f"{path}: no templates in file")
@@ -52,12 +85,9 @@ def resolve_checkpoint(ckpt: str | None, model: str | None, pretrained: str | No
         raise UserError(f"--ckpt {ckpt}: no such checkpoint file (or pass --ckpt none for the factory's weights)")
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
-        try:
-            info = json.loads(sidecar.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{sidecar}: malformed checkpoint description ({e})") from None
-        trained = info.get("model")
-        if model is not None and trained is not None and model != trained:
+        info = read_checkpoint_meta(sidecar, remedy="fix it, or delete it and pass --model")
+        trained = info["model"]
+        if model is not None and model != trained:
             raise UserError(f"--model {model}: checkpoint {ckpt} is a {trained} (per {sidecar.name}); "
                             f"pass --model {trained}")
         model = model or trained
@@ -65,6 +95,17 @@ def resolve_checkpoint(ckpt: str | None, model: str | None, pretrained: str | No
     if model is None:
         raise UserError(f"--model is required: {ckpt} has no {sidecar.name} naming its architecture")
     return path, model, pretrained
+
+
+def read_checkpoint_meta(path: Path, spec=CHECKPOINT_META, remedy: str = "") -> dict:
+    """The final.json at ``path``, every key checked against ``spec``: a one-line UserError naming the
+    file and the key, then ``remedy``, otherwise."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: malformed checkpoint description ({' '.join(str(e).split())})"
+                        + (f"; {remedy}" if remedy else "")) from None
+    return check(info, spec, str(path), remedy=remedy)
 
 
 def store_attrs(backbone, dataset, ckpt_path, pretrained, cfg: ExtractConfig, templates, decode: dict) -> dict:

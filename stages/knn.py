@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
+from pipeline.options import check_int, check_number
 from pipeline.runtime import pick_device
 from stages.adapter import Adapter, embed_all, load_adapter
 
@@ -31,10 +32,11 @@ class KnnConfig:
     gamma: float = 0.0
 
     def check(self) -> None:
-        if self.k < 0:
-            raise UserError(f"--knn-k {self.k}: must be 0 (off) or positive")
-        if self.beta < 0 or self.gamma < 0:
-            raise UserError(f"--knn-beta {self.beta} / --knn-gamma {self.gamma}: must not be negative")
+        """Every setting in range, before the store is opened: a one-line UserError naming the option."""
+        check_int("--knn-k", self.k, 0, why="must be 0 (off) or positive")
+        check_number("--knn-alpha", self.alpha, "must be a finite number")
+        for flag, value in (("--knn-beta", self.beta), ("--knn-gamma", self.gamma)):
+            check_number(flag, value, "must be finite and not negative", value >= 0)
 
 
 def search(database: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +75,7 @@ def neighbors(features: str | Path, key: str, k: int = 5, adapter: str | None = 
     """The ``k`` nearest train samples of sample ``key`` in ``split``, for error analysis."""
     from store.features import FeatureStore
 
-    if k <= 0:
-        raise UserError(f"--k {k}: must be positive")
+    check_int("--k", k, 1, why="must be positive")
     store = FeatureStore.open(features)
     dev = pick_device(device)
     model = load_adapter(adapter, store, features).to(dev)

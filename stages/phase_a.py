@@ -78,6 +78,7 @@ import torch.nn.functional as F
 
 from pipeline.distributed import cleanup, device_for, init_distributed
 from pipeline.errors import UserError
+from pipeline.images import MAX_PIXELS
 from pipeline.live import LiveLog
 from pipeline.locks import exclusive_lock
 from pipeline.models import check_model_name, create_model, image_tower
@@ -86,7 +87,7 @@ from pipeline.prior import log_prior
 from pipeline.provenance import source_digest
 from pipeline.runtime import (atomic_path, autocast, pick_device, progress, save_torch, seed_everything, sha256_file,
                               write_json)
-from pipeline.schedule import epoch_lr
+from pipeline.schedule import epoch_lr, note_zero_lr
 from pipeline.shots import group_means
 from pipeline.text import class_prompts, encode_text, tokenize_trimmed
 from stages.phase_a_config import (BATCHNORM_MODES, CLASSIFIERS, LOSSES, OPTIMIZERS, PRECISIONS,  # noqa: F401
@@ -197,10 +198,12 @@ def train_step(net, tokens, micro_batches, scale: float, bias: torch.Tensor | No
 
 @torch.no_grad()
 def split_accuracy(towers: Towers, tokens, urls, transform, *, samples: int, batch: int, workers: int, train_counts,
-                   channels_last: bool = False, desc: str = "accuracy", decode_on=None) -> dict:
+                   channels_last: bool = False, desc: str = "accuracy", decode_on=None, skip_bad: bool = False,
+                   max_pixels: int = MAX_PIXELS) -> dict:
     """Top-1 accuracy of the model's own classifier (prompts or head; plain logits) on the first
     ``samples`` images of a split, overall (``top1``) and per shot group; evaluated in eval mode, the
-    model's mode restored after. ``decode_on``: the device that decodes (``--decode gpu``), or None."""
+    model's mode restored after. ``decode_on``: the device that decodes (``--decode gpu``), or None;
+    ``skip_bad``, ``max_pixels``: what an unreadable image does (phase_a_data.train_batches)."""
     device, k = tokens.device, len(train_counts)
     training = towers.training
     towers.eval()
@@ -208,8 +211,9 @@ def split_accuracy(towers: Towers, tokens, urls, transform, *, samples: int, bat
         text = F.normalize(towers.classes(tokens).float(), dim=-1)
         correct, seen = torch.zeros(k), torch.zeros(k)
         with progress(desc=desc, total=samples, unit="img") as bar:
-            for images, labels in eval_batches(urls, transform, batch=batch, workers=workers, limit=samples,
-                                               decode_on=decode_on):
+            for images, labels in _one_line(eval_batches(urls, transform, batch=batch, workers=workers, limit=samples,
+                                                         decode_on=decode_on, skip_bad=skip_bad,
+                                                         max_pixels=max_pixels)):
                 image = towers.image(_to_device(images, device, channels_last))
                 pred = (F.normalize(image.float(), dim=-1) @ text.T).argmax(1).cpu()
                 seen += torch.bincount(labels, minlength=k)
@@ -345,13 +349,22 @@ def _loader_error(e: UserError) -> UserError:
     return UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1])
 
 
+def _one_line(batches):
+    """``batches`` from a DataLoader, a worker's UserError (an unreadable image) raised as its one line."""
+    try:
+        yield from batches
+    except UserError as e:
+        raise _loader_error(e) from None
+
+
 def run_phase_a(cfg: PhaseAConfig) -> Path:
     """Train, checkpoint and write OUT/final.pt + OUT/final.json; returns the path of final.pt."""
     cfg.check()
+    note_zero_lr(cfg.epochs, cfg.schedule)
     check_model_name(cfg.model)
     if cfg.tune in TRANSFORMER_TUNES and (tower := image_tower(cfg.model)) != "transformer":
         raise needs_blocks(cfg.tune, tower)
-    info = load_dataset(cfg.data)
+    info = load_dataset(cfg.data, allow_commands=cfg.allow_commands)
     select = selection(cfg, info)
     device_type = pick_device(cfg.device).type
     if cfg.precision == "fp16-weights" and device_type != "cuda":
@@ -483,12 +496,12 @@ class _Run:
                     group["lr"] = epoch_lr(cfg.lr, epoch, cfg.epochs, cfg.schedule)
                 batches = train_batches(self.urls, self.bb.train_transform, seed=cfg.seed, epoch=epoch,
                                         micro_batch=self.micro, workers=self.workers, shuffle_buffer=cfg.shuffle_buffer,
-                                        distributed=dist.enabled, consumed=in_epoch * self.accum, strict=cfg.strict,
-                                        on_bad=self.bad, pin_memory=device.type == "cuda",
-                                        decode_on=self.decode_on)
+                                        distributed=dist.enabled, consumed=in_epoch * self.accum,
+                                        skip_bad=cfg.skip_bad, on_bad=self.bad, pin_memory=device.type == "cuda",
+                                        decode_on=self.decode_on, max_pixels=cfg.max_pixels)
             try:
                 micro_batches = [next(batches) for _ in range(self.accum)]
-            except UserError as e:  # --strict and a bad sample
+            except UserError as e:  # an unreadable image without --skip-bad
                 batches.close()  # now, not when collected: a DataLoader's shutdown waits for each worker
                 raise _loader_error(e) from None
             self._check_labels(micro_batches)
@@ -542,7 +555,8 @@ class _Run:
     def _accuracy(self, split: str, urls, samples: int) -> dict:
         return split_accuracy(self.towers, self.tokens, urls, self.bb.eval_transform, samples=samples, batch=self.micro,
                               workers=self.cfg.workers, train_counts=self.info.split("train").class_counts,
-                              channels_last=self.channels_last, desc=f"phase-a {split}", decode_on=self.decode_on)
+                              channels_last=self.channels_last, desc=f"phase-a {split}", decode_on=self.decode_on,
+                              skip_bad=self.cfg.skip_bad, max_pixels=self.cfg.max_pixels)
 
     def _validate(self, epoch: int) -> bool:
         """Top-1 on the full val split (main process); a strictly better epoch becomes the best (ties keep

@@ -10,12 +10,15 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass
 
 from pipeline.models import COLOR_JITTER
-from pipeline.options import DEVICE, DEVICE_HELP, check_choices, check_finite, option, refuse
-from pipeline.schedule import SCHEDULES
+from pipeline.images import MAX_PIXELS, MAX_PIXELS_HELP, SKIP_BAD_HELP
+from pipeline.options import DEVICE, DEVICE_HELP, INT_MAX, check_choices, check_finite, check_ints, option
+from pipeline.schedule import SCHEDULES, check_epochs
 from pipeline.tuning import LORA_RANK, TUNES
 from stages.adapter_config import LOSSES
 from stages.phase_a_data import default_workers
+from store.features import MAX_LOGIT_SCALE
 from store.stream import DECODE_HELP, DECODES
+from store.trust import ALLOW_COMMANDS, ALLOW_COMMANDS_HELP
 
 OPTIMIZERS = ("sgd", "adamw")
 BATCHNORM_MODES = ("auto", "frozen", "train")
@@ -83,30 +86,28 @@ class PhaseAConfig:
                              "Test accuracy (not used for selection) before training and every N epochs; 0 = never.")
     eval_samples: int = option(2000, "--eval-samples", "Test images used by --eval-every.")
     grad_checkpointing: bool = option(False, "--grad-checkpointing", "Trade compute for memory (transformer towers).")
-    strict: bool = option(False, "--strict", "Fail on an undecodable sample instead of skipping it.")
+    skip_bad: bool = option(False, "--skip-bad", SKIP_BAD_HELP)
+    max_pixels: int = option(MAX_PIXELS, "--max-pixels", MAX_PIXELS_HELP)
     resume: bool = option(False, "--resume", "Continue the run in --out from last.pt (or start one).")
     device: str = option(DEVICE, "--device", DEVICE_HELP)
     decode: str = option("auto", "--decode", DECODE_HELP, DECODES)
+    allow_commands: bool = option(False, ALLOW_COMMANDS, ALLOW_COMMANDS_HELP)
 
     def check(self) -> None:
         """Every option in range before any work starts: a one-line UserError naming the first one that is not."""
-        for name in ("epochs", "batch_size", "save_every", "eval_samples", "lora_rank"):
-            if getattr(self, name) < 1:
-                refuse(self, name, "must be at least 1")
-        for name in ("micro_batch", "adapter_width"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                refuse(self, name, "must be at least 1")
-        for name in ("workers", "shuffle_buffer", "eval_every"):
-            if getattr(self, name) < 0:
-                refuse(self, name, "must be 0 or more")
-        if not 0 <= self.seed < 2**32:
-            refuse(self, "seed", "must be in [0, 2^32)")
+        at_least_1 = ("epochs", "batch_size", "save_every", "eval_samples", "lora_rank", "max_pixels", "micro_batch",
+                      "adapter_width")
+        at_least_0 = ("workers", "shuffle_buffer", "eval_every")
+        check_ints(self, (*((name, 1, INT_MAX, "must be at least 1") for name in at_least_1),
+                          *((name, 0, INT_MAX, "must be 0 or more") for name in at_least_0),
+                          ("seed", 0, 2**32 - 1, "must be in [0, 2^32)")))
         check_finite(self, (("lr", self.lr > 0, "must be above 0 and finite"),
                             ("weight_decay", self.weight_decay >= 0, "must be 0 or more and finite"),
                             ("momentum", 0 <= self.momentum < 1, "must be in [0, 1) and finite"),
                             ("color_jitter", self.color_jitter >= 0, "must be 0 (off) or more and finite"),
-                            ("logit_scale", self.logit_scale is None or self.logit_scale > 0,
-                             "must be above 0 and finite"),
+                            ("logit_scale", self.logit_scale is None or 0 < self.logit_scale <= MAX_LOGIT_SCALE,
+                             f"must be above 0 and at most {MAX_LOGIT_SCALE:g} (what a feature store accepts)"),
                             ("la_tau", self.la_tau >= 0, "must be 0 or more and finite")))
         check_choices(self, ("optimizer", "schedule", "batchnorm", "select", "precision", "tune", "classifier", "loss",
                              "decode"))
+        check_epochs(self)

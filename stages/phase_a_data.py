@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.images import MAX_PIXELS
 from store.shards import DATASET_FILE, local_path, split_member
 from store.stream import collate_encoded, decode_batch, sample_stream
 
@@ -34,7 +35,7 @@ def check_shards(info, split: str) -> list[str]:
     """The split's shard URLs, after checking local shards hold the labels dataset.json describes.
 
     Reads only tar headers and the small label members (the dataset's label key), so it is cheap even
-    for ImageNet-LT. When any shard is at a URL (webdataset opens it), the split is checked as it
+    for ImageNet-LT. When any shard is at a URL or is a command, the split is checked as it
     streams instead: counting it here would download it once more.
     """
     urls = info.urls(split)
@@ -115,21 +116,23 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def train_batches(urls, transform, *, seed: int, epoch: int, micro_batch: int, workers: int, shuffle_buffer: int,
-                  distributed: bool, consumed: int = 0, strict: bool = False, on_bad=None, pin_memory: bool = False,
-                  decode_on=None):
+                  distributed: bool, consumed: int = 0, skip_bad: bool = False, on_bad=None, pin_memory: bool = False,
+                  decode_on=None, max_pixels: int = MAX_PIXELS):
     """Endless (keys, images, labels) micro-batches of ``epoch``, after the ``consumed`` ones already used.
 
     ``decode_on`` (a torch.device, ``--decode gpu``): the workers only read and draw each image's random
     transform parameters (store/stream.py), and each micro-batch is decoded and transformed here, on
-    that device; a sample's draws are the ones the CPU path makes for it.
+    that device; a sample's draws are the ones the CPU path makes for it. An unreadable image (or one
+    above ``max_pixels``) raises a one-line UserError, or with ``skip_bad`` is skipped and reported to
+    ``on_bad``.
     """
     import torch
 
-    device = DeviceDecode(transform, decode_on, strict, on_bad) if decode_on is not None else None
+    device = DeviceDecode(transform, decode_on, skip_bad, on_bad, max_pixels) if decode_on is not None else None
     stream = sample_stream(urls, transform, shuffle_shards=True, shuffle_buffer=shuffle_buffer,
-                           seed=epoch_seed(seed, epoch), split_by_node=distributed, strict=strict, on_bad=on_bad,
+                           seed=epoch_seed(seed, epoch), split_by_node=distributed, skip_bad=skip_bad, on_bad=on_bad,
                            before_decode=SkipSeen(consumed, micro_batch) if consumed else None,
-                           draw=device.draw if device else None).repeat()
+                           draw=device.draw if device else None, max_pixels=max_pixels).repeat()
     # Seeds the workers' augmentation RNG, so an epoch's crops do not depend on what ran before it.
     gen = torch.Generator().manual_seed(epoch_seed(seed, epoch) % 2**63)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=micro_batch, num_workers=workers, generator=gen,
@@ -144,14 +147,16 @@ def train_batches(urls, transform, *, seed: int, epoch: int, micro_batch: int, w
             yield device.finish(batch) if device else batch
 
 
-def eval_batches(urls, transform, *, batch: int, workers: int, limit: int, decode_on=None):
+def eval_batches(urls, transform, *, batch: int, workers: int, limit: int, decode_on=None, skip_bad: bool = False,
+                 max_pixels: int = MAX_PIXELS):
     """(images, labels) batches of the first ``limit`` samples of an evaluation split, in a fixed order
-    (``decode_on``: as ``train_batches``)."""
+    (``decode_on``, ``skip_bad``, ``max_pixels``: as ``train_batches``)."""
     import torch
 
-    device = DeviceDecode(transform, decode_on) if decode_on is not None else None
-    loader = torch.utils.data.DataLoader(sample_stream(urls, transform, draw=device.draw if device else None),
-                                         batch_size=batch, num_workers=min(workers, len(urls)),
+    device = DeviceDecode(transform, decode_on, skip_bad, max_pixels=max_pixels) if decode_on is not None else None
+    stream = sample_stream(urls, transform, skip_bad=skip_bad, draw=device.draw if device else None,
+                           max_pixels=max_pixels)
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=min(workers, len(urls)),
                                          collate_fn=collate_encoded if device else None)
     seen = 0
     for b in loader:
@@ -165,17 +170,18 @@ def eval_batches(urls, transform, *, batch: int, workers: int, limit: int, decod
 
 class DeviceDecode:
     """``--decode gpu`` for one transform: ``draw`` runs in the workers, ``finish`` turns a collated batch
-    of encoded images into (keys, images, labels) on ``device`` (undecodable images dropped, as the
-    CPU path drops them before batching)."""
+    of encoded images into (keys, images, labels) on ``device`` (an unreadable image refused, or with
+    ``skip_bad`` dropped, as the CPU path drops it before batching)."""
 
-    def __init__(self, transform, device, strict: bool = False, on_bad=None):
+    def __init__(self, transform, device, skip_bad: bool = False, on_bad=None, max_pixels: int = MAX_PIXELS):
         from pipeline.tensor_transforms import TensorTransform
 
-        self.transform, self.device, self.strict, self.on_bad = TensorTransform(transform), device, strict, on_bad
+        self.transform, self.device, self.on_bad = TensorTransform(transform), device, on_bad
+        self.skip_bad, self.max_pixels = skip_bad, max_pixels
         self.draw = self.transform.draw
 
     def finish(self, batch):
         keys, encoded, labels = batch
-        keep, images = decode_batch(keys, encoded, self.device, self.strict, self.on_bad)
+        keep, images = decode_batch(keys, encoded, self.device, self.skip_bad, self.on_bad, self.max_pixels)
         return (tuple(keys[i] for i in keep), self.transform(images, [encoded.params[i] for i in keep]),
                 labels[keep])

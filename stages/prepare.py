@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import glob
 import hashlib
 import io
@@ -34,16 +33,18 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlparse
 
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.images import MAX_PIXELS, BadImage, open_image, read_file, read_header
 from pipeline.locks import exclusive_lock
+from pipeline.options import check_int
 from pipeline.runtime import progress, sha256_file, write_json
 from pipeline.text import DEFAULT_TEMPLATE
-from store.shards import (DATASET_FILE, IMAGE_EXTS, MARKER_FILE, SHARD_PATTERN, LabelKey, Sample, has_scheme,
-                          local_path, read_shard, write_shard)
+from store.shards import (DATASET_FILE, IMAGE_EXTS, MARKER_FILE, RESERVED_SPLITS, SHARD_PATTERN, SPLIT_NAME, LabelKey,
+                          Sample, has_scheme, local_path, read_shard, write_shard)
+from store.trust import open_shard
 
 log = logging.getLogger("ballad.prepare")
 
@@ -61,12 +62,6 @@ class Spec:
 
 
 # ---------------------------------------------------------------- option checks and the recorded command
-def _check_int(option: str, value, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (high is not None and value > high):
-        span = f"at least {low}" if high is None else f"from {low} to {high}"
-        raise UserError(f"{option} {value}: must be an integer {span}")
-
-
 def _check_imbalance(value, highest: float = math.inf, why: str = "") -> None:
     """ρ = n_max / n_min: finite, at least 1, and at most ``highest`` where a larger one would empty a class."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and 1 <= value <= highest):
@@ -148,9 +143,9 @@ class Shrink:
                 raise UserError(f"--jpeg-quality {jpeg_quality}: applies only with --max-side (without it every "
                                 "image keeps its original bytes)")
             return None
-        _check_int("--max-side", max_side, 8, JPEG_MAX_SIDE)
+        check_int("--max-side", max_side, 8, JPEG_MAX_SIDE)
         quality = JPEG_QUALITY if jpeg_quality is None else jpeg_quality
-        _check_int("--jpeg-quality", quality, 1, 100)
+        check_int("--jpeg-quality", quality, 1, 100)
         return cls(int(max_side), int(quality))
 
     @property
@@ -158,24 +153,25 @@ class Shrink:
         """The flags as the recorded command gives them, quality included so a changed default rebuilds alike."""
         return ["--max-side", str(self.max_side), "--jpeg-quality", str(self.jpeg_quality)]
 
-    def __call__(self, ext: str, data: bytes) -> tuple[str, bytes]:
-        """(ext, bytes) of one image as it is stored: unchanged up to max_side (only its header is read)."""
+    def __call__(self, ext: str, data: bytes, where: str, max_pixels: int = MAX_PIXELS) -> tuple[str, bytes]:
+        """(ext, bytes) of one image as it is stored: unchanged up to max_side (only its header is read).
+        ``where`` names the image in a ``BadImage``."""
         from PIL import Image
 
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            if max(width, height) <= self.max_side:
-                return ext, data
-            scale = self.max_side / max(width, height)
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            pixels = im if im.mode in ("RGB", "L") else im.convert("RGB")
-            kept = {"icc_profile": im.info.get("icc_profile") if pixels is im else None}
-            orientation = im.getexif().get(ORIENTATION)
-            if orientation is not None:
-                exif = Image.Exif()
-                exif[ORIENTATION] = orientation
-                kept["exif"] = exif.tobytes()
-            small = pixels.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        width, height = read_header(data, where, max_pixels).size
+        if max(width, height) <= self.max_side:
+            return ext, data
+        scale = self.max_side / max(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        im = open_image(data, where, max_pixels, mode=None)
+        pixels = im if im.mode in ("RGB", "L") else im.convert("RGB")
+        kept = {"icc_profile": im.info.get("icc_profile") if pixels is im else None}
+        orientation = im.getexif().get(ORIENTATION)
+        if orientation is not None:
+            exif = Image.Exif()
+            exif[ORIENTATION] = orientation
+            kept["exif"] = exif.tobytes()
+        small = pixels.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
         buf = io.BytesIO()
         small.save(buf, format="JPEG", quality=self.jpeg_quality, subsampling="4:4:4", optimize=True,
                    **{k: v for k, v in kept.items() if v is not None})
@@ -186,7 +182,7 @@ class Shrink:
 def write_dataset(out: str | Path, name: str, classnames: list[str], splits: dict[str, list[Spec]],
                   fingerprint: str, template: str = DEFAULT_TEMPLATE, shard_size: int = 1000,
                   skip_bad: bool = False, overwrite: bool = False, command: str | None = None,
-                  shrink: Shrink | None = None) -> Path:
+                  shrink: Shrink | None = None, max_pixels: int = MAX_PIXELS) -> Path:
     """Write ``splits`` as shards under ``out`` and dataset.json last. Resumes an interrupted run and
     rewrites shards that went missing or were damaged since (their sha256 differs from dataset.json's).
 
@@ -195,6 +191,8 @@ def write_dataset(out: str | Path, name: str, classnames: list[str], splits: dic
     folded in here, for every source alike: into the fingerprint (so a run with other settings finds
     "another dataset" and Phase A and the feature store see a changed one), the command and
     dataset.json. Without it, fingerprints stay those of datasets written before the option existed.
+    A spec whose ``load`` (or ``shrink``, which decodes within ``max_pixels``) raises ``BadImage`` stops the
+    run with its one line, or is left out and listed under ``skipped`` with ``skip_bad`` (--skip-bad).
     """
     out = Path(out)
     extra = {}
@@ -215,7 +213,8 @@ def write_dataset(out: str | Path, name: str, classnames: list[str], splits: dic
         for stale in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
             stale.unlink()  # a shard or JSON write cut short by a kill; written again below
         recorded = _recorded_sha256(out)
-        meta_splits = {split: _write_split(out, split, specs, len(classnames), shard_size, skip_bad, recorded, shrink)
+        meta_splits = {split: _write_split(out, split, specs, len(classnames), shard_size, skip_bad, recorded, shrink,
+                                           max_pixels)
                        for split, specs in splits.items()}
         _describe(out, name, classnames, template, fingerprint, command, meta_splits, **extra)
     return out
@@ -265,7 +264,7 @@ def _recorded_sha256(out: Path) -> dict[str, str]:
 
 
 def _write_split(out: Path, split: str, specs: list[Spec], num_classes: int, shard_size: int, skip_bad: bool,
-                 recorded: dict[str, str], shrink: Shrink | None) -> dict:
+                 recorded: dict[str, str], shrink: Shrink | None, max_pixels: int) -> dict:
     (out / split).mkdir(parents=True, exist_ok=True)
     counts = [0] * num_classes
     shards, sizes, hashes, skipped = [], [], [], []
@@ -275,7 +274,7 @@ def _write_split(out: Path, split: str, specs: list[Spec], num_classes: int, sha
         rel = f"{split}/{SHARD_PATTERN.format(idx)}"
         back = _read_back(out / rel, recorded.get(rel))
         if back is None:
-            write_shard(out / rel, _materialise(group, skip_bad, shrink))
+            write_shard(out / rel, _materialise(group, skip_bad, shrink, max_pixels))
             back = _read_back(out / rel, None)
         kept, size, sha = back
         skipped += [s.key for s in group if s.key not in kept]
@@ -311,19 +310,17 @@ def _read_back(path: Path, recorded_sha256: str | None) -> tuple[dict[str, int],
     return kept, path.stat().st_size, sha
 
 
-def _materialise(group: list[Spec], skip_bad: bool, shrink: Shrink | None):
+def _materialise(group: list[Spec], skip_bad: bool, shrink: Shrink | None, max_pixels: int):
     for spec in group:
         try:
             ext, data = spec.load()
-        except UnreadableImage as e:
+            if shrink:
+                ext, data = shrink(ext, data, spec.key, max_pixels)
+        except BadImage as e:
             if not skip_bad:
-                raise UserError(f"{e} (pass --skip-bad to skip unreadable images)") from None
+                raise e.refusal() from None
             continue
-        yield Sample(spec.key, *(shrink(ext, data) if shrink else (ext, data)), spec.label)
-
-
-class UnreadableImage(Exception):
-    pass
+        yield Sample(spec.key, ext, data, spec.label)
 
 
 def _shuffled(specs: list[Spec], seed: int) -> list[Spec]:
@@ -352,13 +349,13 @@ def prepare_synthetic(out, imbalance: float = 100.0, seed: int = 0, max_count: i
     from stages import shapes
 
     _check_imbalance(imbalance)  # at most --max-count in effect: shapes.long_tailed_counts keeps one image per class
-    _check_int("--max-count", max_count, 1)
-    _check_int("--seed", seed, 0, SEED_MAX)
-    _check_int("--test-per-class", test_per_class, 1)
-    _check_int("--val-per-class", val_per_class, 1)
+    check_int("--max-count", max_count, 1)
+    check_int("--seed", seed, 0, SEED_MAX)
+    check_int("--test-per-class", test_per_class, 1)
+    check_int("--val-per-class", val_per_class, 1)
     # Below 8 px a triangle, a diamond and a circle are a few alike pixels; the shapes are drawn at 4× the size.
-    _check_int("--image-size", image_size, 8, 1024)
-    _check_int("--shard-size", shard_size, 1)
+    check_int("--image-size", image_size, 8, 1024)
+    check_int("--shard-size", shard_size, 1)
     shrink = Shrink.from_options(max_side, jpeg_quality)
     _check_out(out)
     names = shapes.classnames()
@@ -435,34 +432,34 @@ def load_classnames(classes: str) -> list[str]:
     path = Path(classes)
     if not path.is_file():
         raise UserError(f"--classes {classes}: file not found (or use --classes imagenet)")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"--classes {classes}: not a UTF-8 text file of class names, one per line") from None
     if not names:
         raise UserError(f"{path}: class file is empty")
     return names
 
 
-def _file_loader(path: Path):
-    def load():
-        from PIL import Image, UnidentifiedImageError
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; any other format as PNG
 
-        try:
-            data = path.read_bytes()
-            with Image.open(io.BytesIO(data)) as im:
-                fmt = (im.format or "").upper()
-                im.load()
-                if fmt in ("JPEG", "PNG", "WEBP"):
-                    return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt], data
-                return "png", _png(np.asarray(im.convert("RGB")))
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            raise UnreadableImage(f"{path}: unreadable image ({e.__class__.__name__})") from None
+
+def _file_loader(path: Path, max_pixels: int):
+    """A Spec's ``load`` for an image file: the file is decoded whole first (a ``BadImage`` otherwise), so a
+    shard never holds an image the stages cannot read; then its bytes, or a PNG of it (KEPT_FORMATS)."""
+    def load():
+        data, where = read_file(path), str(path)
+        ext = KEPT_FORMATS.get(open_image(data, where, max_pixels, mode=None).format)
+        return (ext, data) if ext else ("png", _png(np.asarray(open_image(data, where, max_pixels))))
 
     return load
 
 
 def prepare_lists(out, root, train_list, test_list, val_list=None, classes=None, name=None, seed: int = 0,
                   shard_size: int = 1000, skip_bad: bool = False, overwrite: bool = False, max_side: int | None = None,
-                  jpeg_quality: int | None = None) -> Path:
-    root, shrink = _check_file_source(out, root, "image root directory", seed, shard_size, name, max_side, jpeg_quality)
+                  jpeg_quality: int | None = None, max_pixels: int = MAX_PIXELS) -> Path:
+    root, shrink = _check_file_source(out, root, "image root directory", seed, shard_size, name, max_side, jpeg_quality,
+                                      max_pixels)
     lists = {"train": Path(train_list), "test": Path(test_list)}
     if val_list:
         lists["val"] = Path(val_list)
@@ -483,19 +480,22 @@ def prepare_lists(out, root, train_list, test_list, val_list=None, classes=None,
     fp = _fingerprint("lists", str(root.resolve()), digests, names, seed, shard_size)
     cmd = _command("list", root=_absolute(root), train_list=_absolute(train_list), test_list=_absolute(test_list),
                    val_list=_absolute(val_list), classes=_classes_arg(classes), name=name, seed=seed,
-                   shard_size=shard_size, skip_bad=skip_bad)
+                   shard_size=shard_size, skip_bad=skip_bad, max_pixels=max_pixels)
     return _write_files(out, root, entries, names, name or Path(train_list).stem.split("_")[0], fp, cmd, seed=seed,
-                        shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite, shrink=shrink)
+                        shard_size=shard_size, skip_bad=skip_bad, max_pixels=max_pixels, overwrite=overwrite,
+                        shrink=shrink)
 
 
 def _classes_arg(classes: str | None) -> str | None:
     return classes if classes in (None, "imagenet") else _absolute(classes)
 
 
-def _check_file_source(out, root, what: str, seed, shard_size, name, max_side, jpeg_quality) -> tuple[Path, Shrink | None]:
+def _check_file_source(out, root, what: str, seed, shard_size, name, max_side, jpeg_quality,
+                       max_pixels) -> tuple[Path, Shrink | None]:
     """The checks `list` and `folder` share, options first: (the image root, the --max-side settings)."""
-    _check_int("--seed", seed, 0, SEED_MAX)
-    _check_int("--shard-size", shard_size, 1)
+    check_int("--seed", seed, 0, SEED_MAX)
+    check_int("--shard-size", shard_size, 1)
+    check_int("--max-pixels", max_pixels, 1)
     _check_name(name)
     shrink = Shrink.from_options(max_side, jpeg_quality)
     _check_out(out)
@@ -506,15 +506,16 @@ def _check_file_source(out, root, what: str, seed, shard_size, name, max_side, j
 
 
 def _write_files(out, root: Path, entries: dict[str, list[tuple[str, int]]], names: list[str], name: str,
-                 fingerprint: str, command: str, *, seed: int, shard_size: int, skip_bad: bool, overwrite: bool,
-                 shrink: Shrink | None) -> Path:
+                 fingerprint: str, command: str, *, seed: int, shard_size: int, skip_bad: bool, max_pixels: int,
+                 overwrite: bool, shrink: Shrink | None) -> Path:
     """Image files under ``root``, per split as (relative path, label), → shards: what `list` and `folder`
     share. Files are copied byte for byte when JPEG/PNG/WebP (and not shrunk by --max-side); the train
     split is written in a seeded random order, the others in the order given."""
-    splits = {split: [Spec(_key(rel), lab, _file_loader(root / rel)) for rel, lab in es] for split, es in entries.items()}
+    splits = {split: [Spec(_key(rel), lab, _file_loader(root / rel, max_pixels)) for rel, lab in es]
+              for split, es in entries.items()}
     splits["train"] = _shuffled(splits["train"], seed)
     return write_dataset(out, name, names, splits, fingerprint, shard_size=shard_size, skip_bad=skip_bad,
-                         overwrite=overwrite, command=command, shrink=shrink)
+                         overwrite=overwrite, command=command, shrink=shrink, max_pixels=max_pixels)
 
 
 def _key(rel: str) -> str:
@@ -531,7 +532,8 @@ DEFAULT_TEST_FRACTION = 0.2  # of each class, when ROOT has no test/ folder
 
 def prepare_folder(out, root, val_fraction: float | None = None, test_fraction: float | None = None, seed: int = 0,
                    classes: str | None = None, name: str | None = None, shard_size: int = 1000, skip_bad: bool = False,
-                   overwrite: bool = False, max_side: int | None = None, jpeg_quality: int | None = None) -> Path:
+                   overwrite: bool = False, max_side: int | None = None, jpeg_quality: int | None = None,
+                   max_pixels: int = MAX_PIXELS) -> Path:
     """torchvision's ImageFolder layout → shards, through the same (path, label) lists as `list`.
 
     ``ROOT/<class>/…`` (images found recursively, as ImageFolder does; hidden files skipped) is split
@@ -547,7 +549,8 @@ def prepare_folder(out, root, val_fraction: float | None = None, test_fraction: 
     if (val_fraction or 0) + (test_fraction or 0) >= 1:
         raise UserError(f"--val-fraction {val_fraction} + --test-fraction {test_fraction}: must add up to below 1 "
                         "(train keeps the rest)")
-    root, shrink = _check_file_source(out, root, "image folder", seed, shard_size, name, max_side, jpeg_quality)
+    root, shrink = _check_file_source(out, root, "image folder", seed, shard_size, name, max_side, jpeg_quality,
+                                      max_pixels)
     given = {split: root / split for split in ("train", "val", "test") if (root / split).is_dir()}
     if "train" in given and "test" in given:
         source = given.pop("train")
@@ -585,9 +588,11 @@ def prepare_folder(out, root, val_fraction: float | None = None, test_fraction: 
     entries = {split: entries[split] for split in ("train", "val", "test") if entries.get(split)}
     fp = _fingerprint("folder", str(root.resolve()), entries, names, seed, shard_size)
     cmd = _command("folder", root=_absolute(root), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                   classes=_classes_arg(classes), name=name, shard_size=shard_size, skip_bad=skip_bad)
+                   classes=_classes_arg(classes), name=name, shard_size=shard_size, skip_bad=skip_bad,
+                   max_pixels=max_pixels)
     return _write_files(out, root, entries, names, name or root.resolve().name, fp, cmd, seed=seed,
-                        shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite, shrink=shrink)
+                        shard_size=shard_size, skip_bad=skip_bad, max_pixels=max_pixels, overwrite=overwrite,
+                        shrink=shrink)
 
 
 def _class_folders(path: Path) -> list[str]:
@@ -633,19 +638,52 @@ def cifar_lt_counts(imbalance: float, num_classes: int = 100, max_count: int = 5
     return [int(max_count * (1.0 / imbalance) ** (i / (num_classes - 1))) for i in range(num_classes)]
 
 
-def _read_pickle(tar: tarfile.TarFile, member: str, archive: Path):
+class _ArraysOnly(pickle.Unpickler):
+    """The CIFAR archive's pickles hold dicts, lists, bytes and numpy arrays; an unpickler that builds
+    nothing else, so that an archive someone else made cannot run code when opened (plain pickle calls
+    any importable function the file names)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_pickle(tar: tarfile.TarFile, member: str, archive: Path, keys: tuple[bytes, ...]) -> dict:
+    """One pickled dict of the archive, with ``keys``; a one-line UserError for anything else."""
     try:
-        return pickle.load(tar.extractfile(member), encoding="bytes")
+        obj = _ArraysOnly(tar.extractfile(member), encoding="bytes").load()
     except KeyError:
         raise UserError(f"{archive}: no '{member}' inside; expected the official cifar-100-python.tar.gz") from None
+    except Exception as e:  # any unpickling failure (refused class, truncated or garbled data) means the same
+        raise UserError(f"{archive}: '{member}' is not a CIFAR pickle ({e.__class__.__name__}: {e})") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise UserError(f"{archive}: '{member}' has no {missing[0].decode()!r}; expected the official "
+                        "cifar-100-python.tar.gz")
+    return obj
+
+
+def _cifar_split(d: dict, member: str, archive: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, 32, 32, 3] uint8, labels [N]) of a train or test dict, checked against each other."""
+    data, labels = np.asarray(d[b"data"]), np.asarray(d[b"fine_labels"])
+    if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),)
+            or not np.issubdtype(labels.dtype, np.integer) or (len(labels) and not 0 <= labels.min() <= labels.max()
+                                                               < num_classes)):
+        raise UserError(f"{archive}: '{member}' does not hold N × 3072 uint8 images with N labels below "
+                        f"{num_classes}; expected the official cifar-100-python.tar.gz")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
 def prepare_cifar100_lt(out, archive, imbalance: float = 100.0, seed: int = 0, shard_size: int = 1000,
                         overwrite: bool = False, max_side: int | None = None, jpeg_quality: int | None = None) -> Path:
     """CIFAR-100-LT: per class, a seeded shuffle of its train images then the first n_i (LDAM's recipe)."""
     _check_imbalance(imbalance, 500, "the largest class has 500 images; a larger ratio leaves the smallest none")
-    _check_int("--seed", seed, 0, SEED_MAX)
-    _check_int("--shard-size", shard_size, 1)
+    check_int("--seed", seed, 0, SEED_MAX)
+    check_int("--shard-size", shard_size, 1)
     shrink = Shrink.from_options(max_side, jpeg_quality)
     _check_out(out)
     archive = Path(archive)
@@ -653,26 +691,28 @@ def prepare_cifar100_lt(out, archive, imbalance: float = 100.0, seed: int = 0, s
         raise UserError(f"--archive {archive}: file not found")
     try:
         with tarfile.open(archive, "r:*") as tar:
-            train = _read_pickle(tar, "cifar-100-python/train", archive)
-            test = _read_pickle(tar, "cifar-100-python/test", archive)
-            meta = _read_pickle(tar, "cifar-100-python/meta", archive)
-    except tarfile.TarError as e:
-        raise UserError(f"{archive}: not a readable tar archive ({e})") from None
-    names = [n.decode().replace("_", " ") for n in meta[b"fine_label_names"]]
+            meta = _read_pickle(tar, "cifar-100-python/meta", archive, (b"fine_label_names",))
+            raw = {split: _read_pickle(tar, f"cifar-100-python/{split}", archive, (b"data", b"fine_labels"))
+                   for split in ("train", "test")}
+    except (tarfile.TarError, EOFError, OSError) as e:  # OSError: a gzip stream cut short or garbled
+        raise UserError(f"{archive}: not a readable tar archive ({e.__class__.__name__}: {e})") from None
+    names = meta[b"fine_label_names"]
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, bytes) and n.strip() for n in names):
+        raise UserError(f"{archive}: 'cifar-100-python/meta' has no list of class names (at least 2)")
+    names = [n.decode("utf-8", "replace").replace("_", " ") for n in names]
+    train, test = (_cifar_split(raw[split], f"cifar-100-python/{split}", archive, len(names)) for split in ("train", "test"))
     rng = np.random.RandomState(seed)  # same stream as LDAM's np.random.seed + np.random.shuffle
-    targets = np.asarray(train[b"fine_labels"])
     keep = []
     for cls, n in enumerate(cifar_lt_counts(imbalance, len(names))):
-        idx = np.where(targets == cls)[0]
+        idx = np.where(train[1] == cls)[0]
         rng.shuffle(idx)
         keep.extend(idx[:n].tolist())
 
-    def specs(d, indices, split):
-        data = np.asarray(d[b"data"]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        labels = d[b"fine_labels"]
+    def specs(split_arrays, indices, split):
+        data, labels = split_arrays
         return [Spec(f"{split}_{i:05d}", int(labels[i]), (lambda a=data[i]: ("png", _png(a)))) for i in indices]
 
-    splits = {"train": _shuffled(specs(train, keep, "train"), seed), "test": specs(test, range(len(test[b"fine_labels"])), "test")}
+    splits = {"train": _shuffled(specs(train, keep, "train"), seed), "test": specs(test, range(len(test[1])), "test")}
     fp = _fingerprint("cifar100-lt", imbalance, seed, shard_size, hashlib.sha256(archive.read_bytes()).hexdigest())
     cmd = _command("cifar100-lt", archive=_absolute(archive), imbalance=imbalance, seed=seed, shard_size=shard_size)
     return write_dataset(out, f"cifar100-lt-r{imbalance:g}", names, splits, fp, shard_size=shard_size,
@@ -680,21 +720,18 @@ def prepare_cifar100_lt(out, archive, imbalance: float = 100.0, seed: int = 0, s
 
 
 # ---------------------------------------------------------------- source 5: existing webdataset shards, described in place
-SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-RESERVED_SPLITS = ("text",)  # the feature store keeps the class prompts in a group of that name
-CURL_STATUS = {6: "host not found", 7: "connection refused", 22: "HTTP error, e.g. 404 not found", 28: "timed out"}
-
-
 def prepare_index(out, shards, classes: str, label_key: str = "cls", name: str | None = None, workers: int = 4,
                   overwrite: bool = False) -> Path:
     """Describe existing webdataset shards in ``out``/dataset.json without copying them.
 
     ``shards``: ``SPLIT=PATTERN`` strings. A pattern is expanded as webdataset expands it (braces:
-    ``data-{000000..000146}.tar``) into local paths (which may also hold ``*``/``?`` globs) or any URL
-    webdataset opens (``http(s)://`` through curl, ``pipe:CMD``, ``gs://``, …). Every shard is read
+    ``data-{000000..000146}.tar``) into local paths (which may also hold ``*``/``?`` globs), URLs
+    (``http(s)://``, ``s3://``, ``gs://``, … read through fsspec) or ``pipe:CMD`` commands, which run here
+    because the user typed them on this command line (readers of the description need --allow-commands;
+    store/trust.py). Every shard is read
     once, through webdataset's own tar reader and sample grouping, so the counts are what the stages
     will stream: each sample needs an image member (IMAGE_EXTS) and a ``label_key`` label within
-    ``classes``; image bytes are not decoded (the stages skip undecodable ones, or stop with --strict).
+    ``classes``; image bytes are not decoded (the stages stop at an undecodable one, or skip it with --skip-bad).
     Local shards are listed by absolute path (relative when under ``out``, so that the directory moves
     and serves whole) with their byte size and sha256, which readers compare as for our own shards;
     URLs are listed as given, without sizes. The fingerprint covers every shard's sha256, remote ones
@@ -702,7 +739,7 @@ def prepare_index(out, shards, classes: str, label_key: str = "cls", name: str |
     """
     key = LabelKey.parse(label_key, "--label-key")
     _check_name(name)
-    _check_int("--workers", workers, 1, 64)
+    check_int("--workers", workers, 1, 64)
     out = _check_out(out)
     patterns = _split_patterns(shards)
     names = load_classnames(classes)
@@ -840,35 +877,24 @@ class _HashingReader:
 
 
 def _scan_shard(url: str, key: LabelKey, num_classes: int, classes: str) -> _Scan:
-    import webdataset as wds
     from webdataset import tariterators
 
-    counts, exts, raw = [0] * num_classes, collections.Counter(), None
+    counts, exts = [0] * num_classes, collections.Counter()
     try:
-        raw = wds.gopen(url)
-        stream = _HashingReader(raw, url)
-        for sample in tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": stream}])):
-            label, ext = _indexed_sample(sample, url, key, num_classes, classes)
-            counts[label] += 1
-            exts[ext] += 1
-        stream.drain()
-        raw.close()  # a reading command's exit status (curl for http(s), pipe:) is checked here
+        # the user typed these patterns on this command line: their pipe: commands run (store/trust.py)
+        with open_shard(url, commands=True) as raw:
+            stream = _HashingReader(raw, url)
+            for sample in tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": stream}])):
+                label, ext = _indexed_sample(sample, url, key, num_classes, classes)
+                counts[label] += 1
+                exts[ext] += 1
+            stream.drain()
     except UserError:
         raise
     except (OSError, tarfile.TarError, EOFError, ValueError) as e:  # a command's exit status is an OSError
-        with contextlib.suppress(OSError):
-            raw is not None and raw.close()  # a reading command (curl, pipe:) ends here; its exit status says why
-        status = getattr(raw, "status", None)  # webdataset's Pipe keeps it
-        if status not in (None, *getattr(raw, "ignore_status", ())):
-            curl = CURL_STATUS.get(status) if urlparse(url).scheme in ("http", "https") else None
-            raise UserError(f"{url}: cannot be read (its reader exited with status {status}"
-                            f"{'; curl: ' + curl if curl else ''})") from None
         what = e.args[0] if e.args else e  # webdataset appends the stream and URL to the arguments
-        raise UserError(f"{url}: unreadable shard ({e.__class__.__name__}: {' '.join(str(what).split())[:200]})") from None
-    finally:
-        if raw is not None:
-            with contextlib.suppress(OSError):  # closed already, or closing after an error reported above
-                raw.close()
+        how = "cannot be read" if isinstance(e, OSError) and not isinstance(e, tarfile.TarError) else "unreadable shard"
+        raise UserError(f"{url}: {how} ({e.__class__.__name__}: {' '.join(str(what).split())[:200]})") from None
     return _Scan(counts, exts, stream.size, stream.hash.hexdigest())
 
 

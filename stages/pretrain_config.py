@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pipeline.options import DEVICE, DEVICE_HELP, check_finite, option, refuse
+from pipeline.options import DEVICE, DEVICE_HELP, INT_MAX, check_finite, check_ints, option, refuse
 
 SEED_MAX = 2**32 - 1
 
@@ -44,12 +44,10 @@ class PretrainConfig:
 
     def check(self) -> None:
         """Every option in range before any work starts: a one-line UserError naming the flag."""
-        for name, low in (("corpus_size", 1), ("steps", 1), ("batch_size", 2), ("eval_size", 1), ("save_every", 1),
-                          ("warmup", 0), ("workers", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                why = " (a contrastive batch needs two pairs)" if name == "batch_size" else ""
-                refuse(self, name, f"must be a whole number ≥ {low}{why}")
+        pair = " (a contrastive batch needs two pairs)"
+        check_ints(self, ((name, low, INT_MAX, f"must be a whole number ≥ {low}{pair if name == 'batch_size' else ''}")
+                          for name, low in (("corpus_size", 1), ("steps", 1), ("batch_size", 2), ("eval_size", 1),
+                                            ("save_every", 1), ("warmup", 0), ("workers", 0), ("seed", 0))))
         if self.seed > SEED_MAX:
             refuse(self, "seed", f"must be a whole number in [0, {SEED_MAX}]")
         if self.warmup >= self.steps:

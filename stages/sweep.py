@@ -16,6 +16,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.runtime import atomic_path, pick_device, write_json
+from pipeline.schedule import note_zero_lr
 from stages.adapter import TrainConfig, embed_all, fit, training_data
 from pipeline.shots import FEW, MANY
 from stages.evaluate import adapter_logits, check_thresholds, score
@@ -33,6 +34,7 @@ def sweep(features: str | Path, out: str | Path, lambdas: list[float], cfg: Trai
     for lam in lambdas:
         replace(cfg, lam=lam).check()
     check_thresholds(many, few)
+    note_zero_lr(cfg.epochs, cfg.schedule)
     store = FeatureStore.open(features)
     store.num_samples(split)  # refuses a missing or incomplete split before any training
     dev = pick_device(device)

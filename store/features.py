@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import shlex
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -36,7 +37,10 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.validate import COUNT, SHA256, TEXT, Field, Tie, check, fits, length_of, value_of
+from pipeline.views import TEST_VIEWS
 from store.location import Location
+from store.shards import RESERVED_SPLITS, SPLIT_NAME
 
 FORMAT = "ballad-features/1"
 SPLIT_ORDER = ("train", "val", "test")
@@ -71,6 +75,55 @@ def make_fingerprint(model: str, pretrained: str | None, checkpoint_sha256: str 
     """What makes two stores' features interchangeable."""
     return {"model": model, "pretrained": pretrained, "checkpoint_sha256": checkpoint_sha256,
             "classnames_sha256": classnames_sha256(classnames), "embed_dim": int(embed_dim)}
+
+
+def _is_template(text: str) -> bool:
+    from pipeline.text import template_problem
+
+    return template_problem(text) is None
+
+
+# What the attributes may hold (pipeline/validate.py): checked by ``FeatureStore.open``, as a user or a
+# copy may have edited zarr.json, which no chunk checksum covers. The keys that readers compute with
+# are required; the others are checked when present (stores from tests and older versions lack some).
+DTYPES = ("float16", "float32")
+MAX_LOGIT_SCALE = 1e4  # CLIP clamps its learned scale at 100; far above, a softmax is an argmax anyway
+LOGIT_SCALE = Field("number", low=0, above=True, high=MAX_LOGIT_SCALE)
+TEMPLATES = Field("list", low=1, items=Field("text", test=(_is_template, "a template with one {} for the class name")))
+MAYBE_TEXT = Field("text", null=True, optional=True)
+COMMAND = replace(MAYBE_TEXT, low=1)
+ROOT_ATTRS = {
+    "classnames": Field("list", low=1, items=Field("text", low=1)),
+    "embed_dim": Field("int", low=1),
+    "logit_scale": LOGIT_SCALE,
+    "train_class_counts": Field("list", items=COUNT, length=length_of("classnames")),
+    "fingerprint": Field("dict", keys={
+        "model": TEXT, "pretrained": Field("text", null=True), "checkpoint_sha256": replace(SHA256, null=True),
+        "classnames_sha256": Field("text", equals=Tie(lambda attrs: classnames_sha256(attrs["classnames"]),
+                                                      "the sha256 of 'classnames'")),
+        "embed_dim": Field("int", equals=value_of("embed_dim"))}),
+    "model": replace(TEXT, optional=True), "pretrained": MAYBE_TEXT, "checkpoint": MAYBE_TEXT,
+    "checkpoint_sha256": replace(SHA256, null=True, optional=True),
+    "dataset": Field("dict", null=True, optional=True, keys={"name": TEXT, "path": TEXT}),
+    "dataset_fingerprint": MAYBE_TEXT, "dtype": Field("text", optional=True, choices=DTYPES),
+    "templates": replace(TEMPLATES, optional=True), "image_size": Field("int", optional=True, low=1),
+    "transform": Field("text", optional=True, line=False), "train_views": replace(COUNT, optional=True),
+    "view_seed": Field("int", null=True, optional=True, low=0),
+    "train_transform": replace(MAYBE_TEXT, line=False), "test_views": Field("text", optional=True, choices=tuple(TEST_VIEWS)),
+    "decode": Field("dict", optional=True, items=Field("text", choices=("cpu", "gpu"))),
+    "versions": Field("dict", optional=True, items=Field("text", null=True)),
+    "created": replace(TEXT, optional=True), "command": COMMAND,
+    "classifier": Field("text", optional=True, choices=("text", "head")),
+    "splits": Field("list", optional=True, unique=True, items=Field("text", test=(
+        lambda name: SPLIT_NAME.fullmatch(name) is not None and name not in RESERVED_SPLITS,
+        f"a split name ({SPLIT_NAME.pattern}, not {', '.join(RESERVED_SPLITS)})"))),
+}
+TEXT_ATTRS = {"templates": TEMPLATES}
+SPLIT_ATTRS = {
+    "complete": Field("bool"), "num_samples": replace(COUNT, optional=True),
+    "skipped": Field("list", optional=True, items=TEXT), VIEWS: Field("int", optional=True, low=1),
+    TTA: Field("text", optional=True, choices=tuple(mode for mode, count in TEST_VIEWS.items() if count)),
+}
 
 
 def _zarr():
@@ -125,7 +178,50 @@ class FeatureStore:
             raise UserError(f"{path}: not a zarr feature store ({e.__class__.__name__})") from None
         if group.attrs.get("format") != FORMAT:
             raise UserError(f"{path}: not a ballad feature store (root attribute format != {FORMAT!r})")
-        return cls(path, group)
+        store = cls(path, group)
+        store._check()
+        return store
+
+    def _check(self) -> None:
+        """Every attribute (the root's, text's, each split's) fits its spec, and the arrays' shapes agree
+        with them: K classes of D dims in text/, N = num_samples rows of D dims in a complete split and
+        its extra views. Metadata only, no chunk is read (``verify`` reads the labels and checks their range)."""
+        rebuild = f"rebuild the store: `{self.rebuild_command}`"
+        meta = check(self.meta, ROOT_ATTRS, str(self.path), "attribute", rebuild)
+        k, d = len(meta["classnames"]), meta["embed_dim"]
+        text = self._subgroup("text", rebuild)
+        templates = check(dict(text.attrs), TEXT_ATTRS, f"{self.path}/text", "attribute", rebuild)["templates"]
+        self._shape(text, "embeddings", (k, d), f"{k} classnames of embed_dim {d}", rebuild)
+        self._shape(text, "prompts", (k * len(templates),), f"{k} classnames × {len(templates)} templates", rebuild)
+        for split in self.splits:
+            group = self._subgroup(split, rebuild)
+            attrs = check(dict(group.attrs), SPLIT_ATTRS, f"{self.path}/{split}", "attribute", rebuild)
+            if not attrs["complete"]:
+                continue  # refused, with the command that finishes it, where it is read
+            n = attrs.get("num_samples")
+            rows = {a: group[a].shape[0] for a in ("image", "label", "key") if a in group}
+            if len(rows) < 3 or set(rows.values()) != {n}:
+                raise UserError(f"{self.path}/{split}: image, label and key rows {rows} disagree with num_samples "
+                                f"{n}; {rebuild}")
+            self._shape(group, "image", (n, d), f"num_samples {n} of embed_dim {d}", rebuild)
+            for name, count in ((VIEWS, attrs.get(VIEWS)), (TTA, TEST_VIEWS.get(attrs.get(TTA)))):
+                self._shape(group, name, None if count is None else (count, n, d), f"{name} {attrs.get(name)!r}, "
+                            f"num_samples {n}, embed_dim {d}", rebuild)
+
+    def _subgroup(self, name: str, rebuild: str):
+        node = self._group.get(name)
+        if not isinstance(node, _zarr().Group):
+            raise UserError(f"{self.path}: has no group '{name}'" + (" (listed in attribute 'splits')" if
+                            name in self.splits else "") + f"; {rebuild}")
+        return node
+
+    def _shape(self, group, name: str, want: tuple | None, why: str, rebuild: str) -> None:
+        """Array ``name`` of ``group`` has shape ``want``, or is absent when ``want`` is None."""
+        shape = tuple(group[name].shape) if name in group else None
+        if shape != want:
+            found, wanted = ("missing" if x is None else f"shape {x}" for x in (shape, want))
+            raise UserError(f"{self.path}/{group.path}/{name}: {found}, expected "
+                            f"{'no such array' if want is None else wanted} ({why}); {rebuild}")
 
     # metadata
     @property
@@ -173,19 +269,23 @@ class FeatureStore:
     def _complete(self, split: str):
         self.split_attrs(split)
         if not self.is_complete(split):
-            cmd = self.meta.get("command") or f"ballad-pipe extract … --out {self.path}"
             raise UserError(f"{self.path}: split '{split}' is incomplete (an interrupted extract); "
-                            f"`{cmd} --splits {split}` finishes it")
+                            f"`{self._command} --splits {split}` finishes it")
         return self._group[split]
+
+    @property
+    def _command(self) -> str:
+        """The extract command the store records, or its outline when it records none (or a malformed one)."""
+        cmd = self.meta.get("command")
+        return cmd if cmd and fits(cmd, COMMAND) else f"ballad-pipe extract … --out {shlex.quote(str(self.path))}"
 
     @property
     def rebuild_command(self) -> str:
         """What rebuilds the store from scratch (re-running the extract command alone keeps complete splits)."""
         where = shlex.quote(str(self.path))
-        cmd = self.meta.get("command") or f"ballad-pipe extract … --out {where}"
         if isinstance(self.path, Path):
-            return f"rm -r {where} && {cmd}"
-        return f"python -c {shlex.quote(REMOVE_URL)} {where} && {cmd}"
+            return f"rm -r {where} && {self._command}"
+        return f"python -c {shlex.quote(REMOVE_URL)} {where} && {self._command}"
 
     def _read(self, array, selection=slice(None)) -> np.ndarray:
         """``array.oindex[selection]``, with a one-line UserError for a corrupt, truncated or missing chunk.
@@ -311,13 +411,21 @@ def _array(group, name, data_or_shape, dtype, row_axis: int = 0):
 def create_store(path, attrs: dict, overwrite: bool = False):
     """Open ``path`` (a local path or a URL) for writing: a new store, or the same run's unfinished one (resume).
 
-    A store whose fingerprint, dataset or dtype differs from ``attrs`` is refused unless ``overwrite``.
+    A store whose fingerprint, dataset or dtype differs from ``attrs`` is refused unless ``overwrite``, and
+    so is one whose attributes do not fit ``ROOT_ATTRS`` (edited by hand: they decide what is resumed).
     """
     zarr = _zarr()
     where = Location(path, "--out")
     if where.exists():
         theirs = _existing_attrs(where)
-        clash = "(not a feature store)" if theirs is None else _identity_clash(theirs, attrs)
+        try:
+            if theirs is not None:
+                check(theirs, ROOT_ATTRS, f"--out {where}", "attribute", "choose another --out or pass --overwrite")
+            clash = "(not a feature store)" if theirs is None else _identity_clash(theirs, attrs)
+        except UserError:
+            if not overwrite:
+                raise
+            clash = "(malformed attributes)"
         if not clash:  # the same settings: resume, keeping what earlier runs recorded
             group = zarr.open_group(store=where.zarr_store(read_only=False), mode="r+")
             group.attrs.update({**attrs, **{k: theirs[k] for k in ("created", "splits") if k in theirs},

@@ -17,17 +17,24 @@ Phase A and extract start (docs/reliability.md). Files from before these records
 command) still load.
 
 A dataset.json may also describe shards that ``prepare`` did not write (``prepare index``): its shard
-entries are then any URL webdataset opens (``http(s)://``, ``pipe:``, …) or absolute local paths, and
+entries are then URLs (``http(s)://``, ``s3://``, …), ``pipe:`` commands or absolute local paths, and
 ``label_key`` names the member that holds each sample's label. ``DatasetInfo.urls`` hands the key on
 inside the URLs it returns (``ShardURL``), so every stage streams such shards unchanged. dataset.json
 itself may be read from a URL (fsspec): relative shard paths then resolve against that URL. Which
 checks apply where: docs/data.md.
+
+A description may come from anywhere, so ``load_dataset`` checks every field before using any
+(``_check_description``) and what each shard entry may reach (``_check_entry``, store/trust.py): a
+``pipe:`` command runs only with the reader's ``--allow-commands``, never from a description read
+from a URL.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import posixpath
 import re
 import shlex
 import tarfile
@@ -38,6 +45,7 @@ from urllib.parse import urljoin, urlparse
 from urllib.request import url2pathname
 
 from pipeline.errors import UserError
+from store import trust
 
 # `prepare` writes the first three; "jpeg" is as common in shards made elsewhere (`prepare index`).
 IMAGE_EXTS = ("jpg", "png", "webp", "jpeg")
@@ -93,20 +101,23 @@ CLS = LabelKey()
 
 
 class ShardURL(str):
-    """A shard URL that carries its dataset's ``LabelKey``.
+    """A shard URL that carries how to read it: its dataset's ``LabelKey``, and ``commands``, whether the
+    user allowed a ``pipe:`` entry to run (store/trust.py).
 
-    ``DatasetInfo.urls`` returns these for datasets whose labels are not in ``.cls`` members, so that
-    store.stream decodes them right although the stages only pass URLs along (a plain str means
-    ``.cls``, the default and fast path). Everywhere else it is the str it holds.
+    ``DatasetInfo.urls`` returns these for datasets whose labels are not in ``.cls`` members or whose
+    commands may run, so that store.stream reads them right although the stages only pass URLs along
+    (a plain str means ``.cls`` and no command: the default and fast path). Everywhere else it is the
+    str it holds.
     """
 
-    def __new__(cls, url: str, label_key: LabelKey):
+    def __new__(cls, url: str, label_key: LabelKey = None, commands: bool = False):
         self = super().__new__(cls, url)
-        self.label_key = label_key
+        self.label_key = CLS if label_key is None else label_key
+        self.commands = commands
         return self
 
     def __reduce__(self):  # DataLoader workers started by spawn receive the URLs pickled
-        return ShardURL, (str(self), self.label_key)
+        return ShardURL, (str(self), self.label_key, self.commands)
 
 
 def label_key_of(urls: Iterable[str]) -> LabelKey:
@@ -118,7 +129,7 @@ def label_key_of(urls: Iterable[str]) -> LabelKey:
 
 
 def has_scheme(url: str) -> bool:
-    """``http://…``, ``pipe:cmd``, ``file:…``, ``s3://…``: what webdataset (gopen) does not open as a plain path."""
+    """``http://…``, ``pipe:cmd``, ``file:…``, ``s3://…``: what is not a plain path."""
     return bool(urlparse(url).scheme)
 
 
@@ -164,6 +175,7 @@ class DatasetInfo:
     command: str | None = None  # `ballad-pipe prepare …` less --out; None in older dataset.json files
     label_key: LabelKey = CLS
     indexed: bool = False  # written by `prepare index`: the shards are the user's, described where they are
+    allow_commands: bool = False  # the user's consent that its pipe: entries run (--allow-commands)
 
     @property
     def num_classes(self) -> int:
@@ -189,38 +201,136 @@ class DatasetInfo:
         return shard if has_scheme(shard) or os.path.isabs(shard) else str(self.root / shard)
 
     def urls(self, split: str) -> list[str]:
-        """Shard URLs of ``split`` in order, carrying the label key (``ShardURL``) unless it is ``.cls``;
-        local files are checked to exist with their recorded size."""
+        """Shard URLs of ``split`` in order, as ``ShardURL`` (carrying the label key and the consent to run
+        commands) unless plain strings say it all (``.cls``, no command); local files are checked to
+        exist with their recorded size, and a ``pipe:`` entry is refused without ``allow_commands``."""
         info = self.split(split)
         if not info.shards:
             raise UserError(f"{self.root / DATASET_FILE}: split '{split}' is empty")
+        if not self.allow_commands:
+            command = next((e for e in info.shards if trust.kind(e) == "command"), None)
+            if command is not None:
+                trust.refuse_command(command, str(self.root / DATASET_FILE), isinstance(self.root, URLRoot))
         verify_shards(self, split, full=False)
         urls = [self.resolve(rel) for rel in info.shards]
-        return urls if self.label_key == CLS else [ShardURL(u, self.label_key) for u in urls]
+        if self.label_key == CLS and not self.allow_commands:
+            return urls
+        return [ShardURL(u, self.label_key, self.allow_commands) for u in urls]
 
 
-def load_dataset(root: str | os.PathLike) -> DatasetInfo:
+def load_dataset(root: str | os.PathLike, allow_commands: bool = False) -> DatasetInfo:
     """Read and check dataset.json. ``root`` is its directory or the file itself, on this machine or at a
     URL fsspec reads (``http(s)://`` read-only, ``s3://`` with s3fs, …); refuses unfinished or malformed
-    directories."""
+    descriptions, one line naming the file and the key (``_check_description``). ``allow_commands``
+    (``--allow-commands``): the user's consent that its ``pipe:`` entries run, never honoured for a
+    description read from a URL (store/trust.py)."""
     text, root, meta_path = _read_description(root)
     try:
         meta = json.loads(text)
-        splits = {name: SplitInfo(**s) for name, s in meta["splits"].items()}
-        info = DatasetInfo(root=root, name=meta["name"], classnames=list(meta["classnames"]),
-                           template=meta["template"], splits=splits, fingerprint=meta["fingerprint"],
-                           command=meta.get("command"), indexed=bool(meta.get("indexed", False)),
-                           label_key=LabelKey.parse(meta.get("label_key", "cls"), f"{meta_path}: label_key"))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{meta_path}: malformed dataset description ({e.__class__.__name__}: {e})") from None
+    _check_description(meta, meta_path)
+    known = set(SplitInfo.__dataclass_fields__)  # a later version's fields are left alone
+    splits = {name: SplitInfo(**{k: v for k, v in s.items() if k in known}) for name, s in meta["splits"].items()}
+    info = DatasetInfo(root=root, name=meta["name"], classnames=list(meta["classnames"]),
+                       template=meta["template"], splits=splits, fingerprint=meta["fingerprint"],
+                       command=meta.get("command"), indexed=meta.get("indexed", False),
+                       label_key=LabelKey.parse(meta.get("label_key", "cls"), f"{meta_path}: label_key"),
+                       allow_commands=allow_commands and not isinstance(root, URLRoot))
     for name, s in info.splits.items():
-        if len(s.class_counts) != info.num_classes or sum(s.class_counts) != s.num_samples:
-            raise UserError(f"{meta_path}: split '{name}' counts are inconsistent with its {info.num_classes} classes")
-        for record in (s.shard_bytes, s.shard_sha256):
-            if record is not None and len(record) != len(s.shards):
-                raise UserError(f"{meta_path}: split '{name}' records {len(record)} shard sizes or hashes "
-                                f"for {len(s.shards)} shards")
+        for entry in s.shards:
+            _check_entry(info, name, entry, meta_path)
     return info
+
+
+# ---------------------------------------------------------------- what a description may hold
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # also a folder and a store group: no dots, no slashes
+RESERVED_SPLITS = ("text",)  # the feature store keeps the class prompts in a group of that name
+PREPARE_SOURCES = ("synthetic", "list", "cifar100-lt", "folder", "index")
+
+
+def _check_description(meta, where) -> None:
+    """Every field of a dataset.json, before any is used: a one-line UserError naming the file and the key
+    (pipeline/validate.py, as for the other files the pipeline reads back).
+
+    The file may come from anywhere (a downloaded folder, a URL), so nothing in it is taken on trust:
+    types, ranges, lengths that must agree (one count per class adding up to the split's samples, one
+    record per shard), split names (they become folders and store groups), and the two fields that
+    reach further than a value: ``template`` (a format string: one ``{}``, nothing that looks up
+    attributes or keys) and ``command``, which error messages offer to the user to run (only a
+    ``ballad-pipe prepare`` command line, exactly as shlex quotes it, so that pasting it runs nothing else).
+    """
+    from pipeline import validate as v
+    from pipeline.text import template_problem
+
+    meta = v.check(meta, {
+        "name": v.Field("text", low=1),
+        "classnames": v.Field("list", low=1, items=v.Field("text", low=1)),
+        "template": v.Field("text", test=(lambda t: template_problem(t) is None,
+                                          "a prompt template: one {} and no other {…} field")),
+        "fingerprint": v.Field("text", low=1),
+        "command": v.Field("text", null=True, optional=True, test=(_is_prepare_command, (
+            "the `ballad-pipe prepare SOURCE …` command that wrote the dataset (less --out)"))),
+        "indexed": v.Field("bool", optional=True),
+        "label_key": v.Field("text", optional=True),
+        "max_side": v.Field("int", optional=True, low=8, high=65500),
+        "jpeg_quality": v.Field("int", optional=True, low=1, high=100),
+        "splits": v.Field("dict", items=v.Field("dict")),
+    }, str(where))
+    if not meta["splits"]:
+        raise UserError(f"{where}: key 'splits' is empty; expected an object of split name → split")
+    split = {
+        "shards": v.Field("list", items=v.Field("text", low=1)),
+        "class_counts": v.Field("list", length=len(meta["classnames"]), items=v.COUNT),
+        "num_samples": v.Field("int", low=0, equals=v.Tie(lambda s: sum(s["class_counts"]), "their sum")),
+        "skipped": v.Field("list", optional=True, items=v.TEXT),
+        "shard_bytes": v.Field("list", optional=True, null=True, length=v.length_of("shards"),
+                               items=v.Field("int", low=0, null=True)),
+        "shard_sha256": v.Field("list", optional=True, null=True, length=v.length_of("shards"),
+                                items=dataclasses.replace(v.SHA256, null=True)),
+        "image_exts": v.Field("dict", optional=True, items=v.COUNT),
+    }
+    for name, s in meta["splits"].items():
+        if not isinstance(name, str) or not SPLIT_NAME.fullmatch(name) or name in RESERVED_SPLITS:
+            raise UserError(f"{where}: split {v.show(name)} is not a split name (letters, digits, _ and -; not "
+                            f"{', '.join(RESERVED_SPLITS)})")
+        v.check(s, split, f"{where}: split '{name}'")
+        if any(ext not in IMAGE_EXTS for ext in s.get("image_exts") or {}):
+            raise UserError(f"{where}: split '{name}': key 'image_exts' names {sorted(s['image_exts'])}; expected "
+                            f"image types ({', '.join(IMAGE_EXTS)})")
+
+
+def _is_prepare_command(command: str) -> bool:
+    """Whether ``command`` is a `ballad-pipe prepare SOURCE …` line (less --out) exactly as ``prepare``
+    records it (shlex-quoted), so that a message offering it offers nothing else."""
+    try:
+        args = shlex.split(command)
+    except ValueError:  # an unclosed quote
+        return False
+    return (shlex.join(args) == command and args[:2] == ["ballad-pipe", "prepare"] and len(args) > 2
+            and args[2] in PREPARE_SOURCES and "--out" not in args)
+
+
+def _check_entry(info: DatasetInfo, split: str, entry: str, where) -> None:
+    """A shard entry may reach only what its description is about: a relative path stays inside the
+    dataset's folder (or under its URL); absolute paths, URLs and commands appear only in descriptions
+    that `prepare index` wrote (``indexed``); a description read from a URL names nothing on this machine
+    and no command (store/trust.py)."""
+    at = f"{where}: shard {entry!r} of split '{split}'"
+    what = trust.kind(entry)
+    from_url = isinstance(info.root, URLRoot)
+    if what == "command" and from_url:
+        trust.refuse_command(entry, str(where), True)
+    relative = what == "file" and not has_scheme(entry) and not os.path.isabs(entry)
+    if relative:
+        if posixpath.normpath(entry).split("/")[0] == "..":
+            raise UserError(f"{at} leaves the dataset's folder")
+        return
+    if not info.indexed:
+        raise UserError(f"{at}: only `prepare index` describes shards outside the dataset's folder "
+                        "(its dataset.json has \"indexed\": true)")
+    if what == "file" and from_url:
+        raise UserError(f"{at}: a description read from a URL cannot name files on this machine")
 
 
 def _read_description(root: str | os.PathLike) -> tuple[bytes, Path | URLRoot, Path | URLRoot]:

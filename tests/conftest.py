@@ -6,7 +6,10 @@ share the cores: on our busy 2-core VM the fast suite took 472 s with torch's de
 one), and runs that are compared bit for bit split their floating-point reductions the same way."""
 from __future__ import annotations
 
+import functools
 import os
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 os.environ.setdefault("BALLAD_PROGRESS", "0")
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch (and faiss's OpenMP) load
@@ -48,3 +51,25 @@ def lt_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("lt") / "lt.zarr"
     make_lt_store(path)
     return path
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real HTTP server on 127.0.0.1 (port 0) serving a temporary directory: (directory, base URL)."""
+    root = tmp_path_factory.mktemp("www")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    env = pytest.MonkeyPatch()
+    for var in ("no_proxy", "NO_PROXY"):  # the http clients must not send loopback to a proxy
+        env.setenv(var, "127.0.0.1,localhost")
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    env.undo()
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()

@@ -3,6 +3,7 @@ its errors (the samplers: test_samplers.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import warnings
@@ -126,6 +127,25 @@ def test_epoch_learning_rates_follow_torch_cosine(monkeypatch, schedule):
                 scheduler.step()
     assert per_epoch == pytest.approx(expected, abs=1e-12)
     assert (per_epoch[0] < 0.3 and per_epoch[-1] == pytest.approx(0)) == (schedule == "authors")
+
+@pytest.mark.parametrize("command", ["adapter", "sweep"])
+def test_a_run_in_which_no_epoch_trains_is_refused_and_two_epochs_run(lt_store, tmp_path, caplog, command):
+    """Issue 22: `--epochs 1` on the authors' schedule ran its one epoch at lr 0, and fit only warned."""
+    out = tmp_path / "out"
+    args = [command, "--features", str(lt_store), "--batch-size", "64", "--device", "cpu", "--out", str(out)]
+    args += ["--lambdas", "0.2"] if command == "sweep" else []
+    result = CliRunner().invoke(main, [*args, "--epochs", "1"])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert result.output == ("Error: --epochs 1: with --schedule authors every epoch would run at lr 0 and no weight "
+                             "would change (the authors' schedule keeps the last epoch at lr 0); pass --epochs 2 or "
+                             "more, or --schedule standard\n")
+    assert not out.exists()
+    with pytest.raises(UserError, match="^--epochs 1: with --schedule authors every epoch would run at lr 0"):
+        fit(*toy_problem(), 10.0, TrainConfig(epochs=1))
+    with caplog.at_level(logging.INFO, logger="ballad.schedule"):
+        result = CliRunner().invoke(main, [*args, "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert caplog.text.count("epoch 2 of 2 runs at lr 0, where the cosine has reached 0") == 1  # once, not per λ
 
 
 # ---------------------------------------------------------------- epoch selection
@@ -271,7 +291,7 @@ def test_every_option_is_checked_before_work(tmp_path, option, value):
 
 
 def test_adapter_from_another_store_is_refused(lt_store, tmp_path):
-    train_adapter(lt_store, tmp_path / "a.pt", TrainConfig(epochs=1, **FAST))
+    train_adapter(lt_store, tmp_path / "a.pt", TrainConfig(epochs=1, schedule="standard", **FAST))
     make_lt_store(tmp_path / "other.zarr", model="another-model")
     with pytest.raises(UserError, match="another feature store.*model"):
         evaluate(tmp_path / "other.zarr", tmp_path / "r", adapter=tmp_path / "a.pt")
@@ -323,7 +343,7 @@ def test_cli_adapter_evaluate_and_errors(lt_store, tmp_path):
                           (adapter + ["--la-tau", "nan"], "--la-tau nan"),
                           (adapter + ["--select", "best-val"], "--select best-val"),
                           (["sweep", "--features", str(lt_store), "--lambdas", "0.1,nan", "--out", str(tmp_path / "s")],
-                           "--lambda nan"),
+                           "--lambdas 0.1,nan: expected comma-separated finite numbers"),
                           (["sweep", "--features", str(lt_store), "--lr", "-1", "--out", str(tmp_path / "s")],
                            "--lr -1"),
                           (["adapter", "--features", str(tmp_path / "nope.zarr"), "--out", str(model)], "nope.zarr"),

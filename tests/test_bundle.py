@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from stages.evaluate import evaluate
 from stages.extract import extract
 from store.features import FeatureStore, write_store
 from store.shards import load_dataset, read_shard
+from test_images import HOSTILE
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def run(tmp_path_factory, tiny_data):
     features = root / "features.zarr"
     extract(str(ckpt), tiny_data, features, splits=["train", "test"], batch_size=64, workers=0, test_views="five-crop")
     adapter = root / "adapter.pt"
-    train_adapter(features, adapter, TrainConfig(epochs=1, batch_size=64), device="cpu")
+    train_adapter(features, adapter, TrainConfig(epochs=1, batch_size=64, schedule="standard"), device="cpu")
     evaluate(features, root / "report", adapter=str(adapter), device="cpu")
     evaluate(features, root / "report_tta", adapter=str(adapter), tta="mean", device="cpu")
     bundle = root / "shapes.bundle"
@@ -120,6 +122,29 @@ def test_predict_cli_reports_bad_files(run, tmp_path):
     assert r.stdout.splitlines()[1].split()[0] == "1" and len(r.stdout.splitlines()) == 2 * 3
 
 
+def test_predict_reports_each_hostile_file_in_one_line_and_skip_bad_exits_0(run, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "good.png").write_bytes(run.samples[0].image)  # 32 × 32
+    for kind, (suffix, data, _) in HOSTILE.items():
+        (images / f"{kind}.{suffix}").write_bytes(data)
+    reports = {f"{kind}.{suffix}": f"{images / f'{kind}.{suffix}'}: skipped, not a readable image ({reason})"
+               for kind, (suffix, _, reason) in HOSTILE.items()}
+    predict = ["predict", "--bundle", str(run.bundle), str(images), "--device", "cpu", "--json"]
+    r = CliRunner().invoke(main, predict)
+    assert r.exit_code != 0 and isinstance(r.exception, SystemExit)
+    assert r.stderr.splitlines() == [*(reports[name] for name in sorted(reports)), "Error: 4 of 5 file(s) could not be "
+                                     "read (listed above); pass --skip-bad to skip unreadable images"]
+    assert [json.loads(line)["image"] for line in r.stdout.splitlines()] == [str(images / "good.png")]
+    r = CliRunner().invoke(main, [*predict, "--skip-bad"])
+    assert r.exit_code == 0 and r.stderr.splitlines() == [reports[name] for name in sorted(reports)]
+    r = CliRunner().invoke(main, [*predict, "--max-pixels", "1023", str(images / "good.png")])
+    assert r.exit_code != 0 and (f"{images / 'good.png'}: skipped, not a readable image (decompression bomb: 32×32 = "
+                                 "1,024 pixels, above --max-pixels 1,023)") in r.stderr.splitlines()
+    r = CliRunner().invoke(main, [*predict, "--max-pixels", "0"])
+    assert r.exit_code != 0 and r.output == "Error: --max-pixels 0: must be at least 1\n"
+
+
 def test_a_checkpoint_the_store_was_not_extracted_from_is_refused(run, tmp_path):
     other = torch.load(run.ckpt, weights_only=True)
     other["logit_scale"] += 1
@@ -140,7 +165,7 @@ def test_an_adapter_trained_on_another_store_is_refused(run, tmp_path):
                 keys=None, text_embeddings=store.text_embeddings(), classnames=names,
                 logit_scale=store.logit_scale, train_class_counts=[2] * len(names),
                 meta={"model": "ballad-tiny", "checkpoint_sha256": store.fingerprint["checkpoint_sha256"]})
-    train_adapter(tmp_path / "elsewhere.zarr", tmp_path / "elsewhere.pt", TrainConfig(epochs=1), device="cpu")
+    train_adapter(tmp_path / "elsewhere.zarr", tmp_path / "elsewhere.pt", TrainConfig(epochs=1, schedule="standard"), device="cpu")
     with pytest.raises(UserError, match=r"elsewhere.pt: trained on another feature store .*classnames_sha256"):
         export(run.ckpt, str(tmp_path / "elsewhere.pt"), run.features, tmp_path / "b")
 
@@ -164,6 +189,48 @@ def test_a_head_from_another_bundle_is_refused(run, tmp_path):
     shutil.copy(zero_shot / "head.safetensors", mixed / "head.safetensors")
     with pytest.raises(UserError, match="head.safetensors: does not belong to this bundle"):
         Bundle.load(mixed)
+
+
+def _edited(run, tmp_path, edit) -> object:
+    """A copy of the bundle whose bundle.json ``edit`` changed in place, as a user or a script could."""
+    bundle = tmp_path / "edited.bundle"
+    shutil.copytree(run.bundle, bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    edit(meta)
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    return bundle
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(logit_scale=float("nan")), "key 'logit_scale' is nan; expected a finite number > 0"),
+    (lambda m: m.update(feature_dtype="float64"), "key 'feature_dtype' is 'float64'; expected one of float16, float32"),
+    (lambda m: m["classnames"].append(m["classnames"][0]), "key 'classnames' is ['"),
+    (lambda m: m.update(templates=["a photo of a {0.__class__}."]), "key 'templates[0]' is 'a photo of a {0.__class"),
+    (lambda m: m["adapter"]["config"].update(lam=2), "key 'adapter.config.lam' is 2; expected a finite number ≥ 0"),
+    (lambda m: m["adapter"]["config"].pop("position"), "key 'adapter.config.position' is missing"),
+    (lambda m: m.update(files=[1, 2]), "key 'files' is [1, 2]; expected an object with 'model.safetensors'"),
+    (lambda m: m["transform"].update(center_crop=[32]), "key 'transform.center_crop' is [32]; expected a list of 2"),
+], ids=["nan-scale", "dtype", "class-twice", "template", "lambda", "no-position", "files", "crop"])
+def test_an_edited_bundle_json_is_a_one_line_error_naming_the_key(run, tmp_path, edit, message):
+    """bundle.json is plain JSON that the tensor files' sha256 records do not cover (issue 22)."""
+    bundle = _edited(run, tmp_path, edit)
+    with pytest.raises(UserError) as e:
+        Bundle.load(bundle, device="cpu")
+    assert str(e.value).startswith(f"{bundle / 'bundle.json'}: {message}") and "\n" not in str(e.value)
+    assert str(e.value).endswith("; re-export the bundle (`ballad-pipe export`)")
+
+
+@pytest.mark.parametrize("edit, kind", [
+    (lambda m: m["adapter"]["config"].update(position="text"), "a text linear adapter of 64 dims"),
+    (lambda m: m["adapter"]["config"].update(form="relu"), "a visual relu adapter of 64 dims"),
+    (lambda m: m.update(adapter=None), "no adapter"),
+], ids=["position", "form", "none"])
+def test_the_adapter_tensors_must_be_those_bundle_json_describes(run, tmp_path, edit, kind):
+    bundle = _edited(run, tmp_path, edit)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(bundle))}/head.safetensors: holds the adapter tensors "
+                                        rf"{{'visual.linear.weight': \(64, 64\)}}, but bundle.json describes "
+                                        rf"{kind}; re-export the bundle$"):
+        Bundle.load(bundle, device="cpu")
 
 
 def test_classes_file_replaces_or_adds_names(run, tmp_path):

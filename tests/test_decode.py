@@ -20,7 +20,10 @@ from stages.phase_a_config import PhaseAConfig
 from stages.prepare import Spec, write_dataset
 from store.features import FeatureStore
 from store.shards import load_dataset
-from store.stream import Encoded, collate_encoded, decode_batch, decode_on_device, encode_batch, sample_stream
+from pipeline.images import BadImage
+from store.stream import (Encoded, collate_encoded, decode_batch, decode_on_device, encode_batch, encode_sample,
+                          sample_stream)
+from test_images import jpeg_declaring
 from test_tensor_transforms import TRAIN_MAX, TRAIN_MEAN, levels, photo
 
 CPU = torch.device("cpu")
@@ -79,18 +82,43 @@ def test_the_encode_stage_keeps_jpegs_compressed_and_decodes_the_rest(jpeg_data)
 def test_an_image_no_decoder_reads_is_skipped_or_refused_as_on_the_cpu_path(jpeg_data):
     urls = load_dataset(jpeg_data).urls("val")
     cpu_bad = []
-    keys_cpu = [k for k, _, _ in sample_stream(urls, split_by_worker=False, on_bad=cpu_bad.append)]
+    keys_cpu = [k for k, _, _ in sample_stream(urls, split_by_worker=False, skip_bad=True, on_bad=cpu_bad.append)]
     items = list(sample_stream(urls, split_by_worker=False, draw=lambda size, key: None))
     keys, batch, _ = collate_encoded(items)
     assert "v003" in keys  # the header reads: only decoding finds out
     bad = []
-    keep, images = decode_batch(keys, batch, CPU, on_bad=bad.append)
+    keep, images = decode_batch(keys, batch, CPU, skip_bad=True, on_bad=bad.append)
     assert bad == cpu_bad == ["v003"] and [keys[i] for i in keep] == keys_cpu and len(images) == len(keep)
-    with pytest.raises(UserError, match="sample 'v003': unreadable"):
-        decode_batch(keys, batch, CPU, strict=True)
+    with pytest.raises(UserError, match=r"^sample 'v003' in .*val/shard-000000.tar: unreadable image \(truncated file\); "
+                                        r"pass --skip-bad to skip unreadable images$"):
+        decode_batch(keys, batch, CPU)
     garbage = Encoded(b"\xff\xd8\xff" + bytes(50), None)  # a "JPEG" nothing reads, header included
-    keep, _ = decode_batch(["a", "b"], encode_batch([garbage, items[0][1]]), CPU, on_bad=bad.append)
+    keep, _ = decode_batch(["a", "b"], encode_batch([garbage, items[0][1]]), CPU, skip_bad=True, on_bad=bad.append)
     assert keep == [1] and bad[-1] == "a"
+
+
+def test_the_encode_stage_applies_the_pixel_limit_from_the_header_before_the_device_decodes(jpeg_data):
+    drawn = []
+
+    def sample(data: bytes) -> dict:
+        return {"__key__": "k", "__url__": "a.tar", "jpg": data, "cls": b"0"}
+
+    bomb = jpeg_declaring(20_000, 20_000)  # a real JPEG's header rewritten: nvJPEG would allocate 1.2 GB for it
+    with pytest.raises(BadImage, match=r"^sample 'k' in a.tar: unreadable image \(decompression bomb: 20000×20000 = "
+                                       r"400,000,000 pixels, above --max-pixels 89,478,485\)$"):
+        encode_sample(sample(bomb), lambda size, key: drawn.append(size))
+    assert drawn == []  # refused before anything was drawn or handed on
+    key, enc, label = encode_sample(sample(bomb), lambda size, key: drawn.append(size), max_pixels=10**9)
+    assert enc.data == bomb and drawn == [(20_000, 20_000)] and enc.where == "sample 'k' in a.tar"  # only read
+
+    urls = load_dataset(jpeg_data).urls("train")  # 60 × 44 and larger: all above 2,000 pixels
+    with pytest.raises(UserError, match=r"^sample 't\d+' in .*shard-00000\d.tar: unreadable image \(decompression "
+                                        r"bomb: \d+×\d+ = [\d,]+ pixels, above --max-pixels 2,000\); pass --skip-bad"):
+        list(sample_stream(urls, split_by_worker=False, draw=lambda size, key: None, max_pixels=2000))
+    bad = []
+    assert list(sample_stream(urls, split_by_worker=False, draw=lambda size, key: None, max_pixels=2000,
+                              skip_bad=True, on_bad=bad.append)) == []
+    assert len(bad) == 24
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -112,7 +140,8 @@ def test_phase_a_batches_decoded_on_the_device_follow_the_cpu_path(jpeg_data, ti
             assert diff.max() <= TRAIN_MAX + 1e-3 and diff.mean() <= TRAIN_MEAN
     val = load_dataset(jpeg_data).urls("val")  # v003 is dropped before batching on the CPU path, after on the device
     (x_a, y_a), (x_b, y_b) = ([torch.cat(t) for t in zip(*eval_batches(val, tiny_backbone.eval_transform, batch=4,
-                                                                       workers=workers, limit=7, decode_on=on))]
+                                                                       workers=workers, limit=7, decode_on=on,
+                                                                       skip_bad=True))]
                               for on in (None, CPU))
     assert len(y_a) == 7 and torch.equal(y_a, y_b) and levels(x_a, x_b, std).max() <= 1 + 1e-3
 
@@ -124,7 +153,8 @@ def test_extract_decoded_on_the_device_stores_what_the_cpu_path_stores(jpeg_data
 
     # This machine may have no GPU: the stage's choice is forced, the decoding runs on the CPU device.
     monkeypatch.setattr(stages.extract, "decode_on_device", lambda mode, device, urls: mode == "gpu")
-    args = dict(model="ballad-tiny", batch_size=8, workers=0, dtype="float32", train_views=2, test_views="five-crop")
+    args = dict(model="ballad-tiny", batch_size=8, workers=0, dtype="float32", train_views=2, test_views="five-crop",
+                skip_bad=True)
     extract("none", jpeg_data, tmp_path / "cpu.zarr", decode="cpu", **args)
     extract("none", jpeg_data, tmp_path / "gpu.zarr", decode="gpu", **args)
     a, b = FeatureStore.open(tmp_path / "cpu.zarr"), FeatureStore.open(tmp_path / "gpu.zarr")

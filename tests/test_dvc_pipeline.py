@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = {
     "data": {"args": "--imbalance 20 --max-count 40 --test-per-class 3 --val-per-class 1 --seed 0 --shard-size 100"},
     "pretrain": {"corpus-size": 512, "steps": 20, "batch-size": 64, "warmup": 5, "eval-size": 80},
-    "phase_a": {"epochs": 1, "batch-size": 32, "micro-batch": 32, "workers": 0},
+    "phase_a": {"epochs": 1, "schedule": "standard", "batch-size": 32, "micro-batch": 32, "workers": 0},
     "extract": {"workers": 0, "test-views": "flip"},
     "views": {"train-views": 2},
     "adapter": {"train": {"epochs": 2, "batch-size": 64}},

@@ -111,7 +111,7 @@ def test_cli_evaluate_and_sweep(lt_store, tmp_path):
                              "--many-threshold", "50", "--few-threshold", "30", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "top-1" in r.output and json.loads((tmp_path / "r" / "metrics.json").read_text())["few"] is not None
-    r = runner.invoke(main, ["sweep", "--features", str(lt_store), "--lambdas", "0.2,0.4", "--epochs", "1",
+    r = runner.invoke(main, ["sweep", "--features", str(lt_store), "--lambdas", "0.2,0.4", "--epochs", "1", "--schedule", "standard",
                              "--batch-size", "128", "--out", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
     assert len(json.loads((tmp_path / "s" / "sweep.json").read_text())) == 2
@@ -144,7 +144,7 @@ def test_tta_mean_averages_the_logits_of_the_stored_views(tta_store, tmp_path):
     from stages.adapter import TrainConfig, load_adapter, train_adapter
     from store.features import FeatureStore
 
-    train_adapter(tta_store, tmp_path / "a.pt", TrainConfig(epochs=1, batch_size=64), device="cpu")
+    train_adapter(tta_store, tmp_path / "a.pt", TrainConfig(epochs=1, batch_size=64, schedule="standard"), device="cpu")
     store = FeatureStore.open(tta_store)
     m = evaluate(tta_store, tmp_path / "tta", adapter=str(tmp_path / "a.pt"), tta="mean")
     assert m["tta"] == "mean" and m["tta_views"] == "five-crop"
@@ -182,6 +182,20 @@ def test_cli_evaluate_tta_without_views_is_a_one_line_error(lt_store, tmp_path):
     r = CliRunner().invoke(main, ["evaluate", "--features", str(lt_store), "--tta", "mean", "--out",
                                   str(tmp_path / "x")])
     assert r.exit_code != 0 and r.output.startswith("Error: --tta mean") and len(r.output.strip().splitlines()) == 1
+
+
+def test_cli_evaluate_refuses_a_store_whose_logit_scale_was_edited_to_nan(lt_store, tmp_path):
+    """Issue 22: zarr.json edited by hand to `"logit_scale": NaN` gave top-1 3.33, ECE nan and exit 0."""
+    import shutil
+
+    store = tmp_path / "edited.zarr"
+    shutil.copytree(lt_store, store)
+    doc = json.loads((store / "zarr.json").read_text())
+    doc["attributes"]["logit_scale"] = float("nan")
+    (store / "zarr.json").write_text(json.dumps(doc))
+    r = CliRunner().invoke(main, ["evaluate", "--features", str(store), "--out", str(tmp_path / "r"), "--device", "cpu"])
+    assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+    assert r.output.startswith(f"Error: {store}: attribute 'logit_scale' is nan; expected a finite number > 0")
 
 
 def test_dvc_reruns_only_evaluate_stages_for_evaluate_tta():

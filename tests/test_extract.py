@@ -30,6 +30,7 @@ from stages.extract_config import MAX_TRAIN_VIEWS
 from stages.extract_meta import resolve_templates
 from store.features import FeatureStore
 from store.shards import load_dataset, read_shard, write_shard
+from test_images import HOSTILE
 
 CHUNK_ROWS = 96  # several chunks per split, so processes and resumes write chunk by chunk
 VIEWS = {"train_views": 2, "test_views": "five-crop"}  # the reference store has both kinds of views
@@ -321,12 +322,49 @@ def corrupt_data(tmp_path_factory, tiny_data):
 
 def test_corrupt_images_are_skipped_and_recorded(corrupt_data, tmp_path):
     root, bad = corrupt_data
-    extract("none", root, tmp_path / "f.zarr", model="ballad-tiny", splits=["val"], workers=1)
+    extract("none", root, tmp_path / "f.zarr", model="ballad-tiny", splits=["val"], workers=1, skip_bad=True)
     fs = FeatureStore.open(tmp_path / "f.zarr")
     assert fs.skipped("val") == [bad] and bad not in fs.keys("val")
     assert len(fs.features("val")[1]) == load_dataset(root).split("val").num_samples - 1
     with pytest.raises(UserError, match=f"sample '{bad}'.*unreadable"):
-        extract("none", root, tmp_path / "s.zarr", model="ballad-tiny", splits=["val"], workers=1, strict=True)
+        extract("none", root, tmp_path / "s.zarr", model="ballad-tiny", splits=["val"], workers=1)
+
+
+def _extract_cli(data, out, *args):
+    return CliRunner().invoke(main, ["extract", "--ckpt", "none", "--model", "ballad-tiny", "--data", str(data),
+                                     "--out", str(out), "--splits", "val", "--workers", "1", "--device", "cpu", *args])
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_hostile_image_stops_extract_with_one_line_or_is_skipped_and_recorded(tiny_data, tmp_path, kind):
+    suffix, data, reason = HOSTILE[kind]
+    root = tmp_path / "shapes"
+    shutil.copytree(tiny_data, root)
+    shard = root / load_dataset(root).split("val").shards[0]
+    samples = list(read_shard(shard))
+    bad = samples[5].key
+    samples[5] = samples[5].__class__(bad, suffix, data, samples[5].label)
+    shard.unlink()
+    write_shard(shard, samples)
+    result = _extract_cli(root, tmp_path / "a.zarr")  # read in a loader worker
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert re.fullmatch(rf"Error: sample '{bad}' in .*{shard.name}: unreadable image \({re.escape(reason)}\); pass "
+                        r"--skip-bad to skip unreadable images\n", result.output), result.output
+    result = _extract_cli(root, tmp_path / "b.zarr", "--skip-bad")
+    assert result.exit_code == 0, result.output
+    fs = FeatureStore.open(tmp_path / "b.zarr")
+    assert fs.skipped("val") == [bad] and len(fs.keys("val")) == load_dataset(root).split("val").num_samples - 1
+
+
+def test_max_pixels_reaches_the_loader_workers_and_is_checked_first(tiny_data, tmp_path):
+    result = _extract_cli(tiny_data, tmp_path / "a.zarr", "--max-pixels", "1023")  # the images are 32 × 32
+    assert result.exit_code != 0 and re.fullmatch(r"Error: sample '\w+' in .*: unreadable image \(decompression "
+                                                  r"bomb: 32×32 = 1,024 pixels, above --max-pixels 1,023\); pass "
+                                                  r"--skip-bad to skip unreadable images\n", result.output)
+    assert _extract_cli(tiny_data, tmp_path / "b.zarr", "--max-pixels", "1024").exit_code == 0
+    result = _extract_cli(tiny_data, tmp_path / "c.zarr", "--max-pixels", "0")
+    assert result.exit_code != 0 and result.output == "Error: --max-pixels 0: must be at least 1\n"
+    assert not (tmp_path / "c.zarr").exists()
 
 
 def test_bad_input_is_refused_with_one_line(tiny_data, ckpt, reference, tmp_path):
@@ -390,7 +428,15 @@ def test_template_file_is_checked_line_by_line(tmp_path):
     f.write_text("a photo of a {}.\n\na sketch of {}\n")
     assert resolve_templates(str(f), "x {}") == ["a photo of a {}.", "a sketch of {}"]
     f.write_text("a photo of a {}.\nno placeholder\n")
-    with pytest.raises(UserError, match=r"t.txt:2: a template needs exactly one '\{\}'"):
+    with pytest.raises(UserError, match=r"t.txt:2: template 'no placeholder' must hold exactly one \{\}"):
+        resolve_templates(str(f), "x {}")
+    # format fields that look up attributes, index, pad or repeat: refused, not applied to the class names
+    for hostile in ("{0.__class__.__init__}{}", "{} {}", "{:>99999}", "{!r}", "{x}", "{"):
+        f.write_text(f"a photo of a {{}}.\n{hostile}\n")
+        with pytest.raises(UserError, match=r"^.*t.txt:2: template .* (must hold exactly one|is not a template)"):
+            resolve_templates(str(f), "x {}")
+    f.write_bytes(b"\xff\xfe{}\n")
+    with pytest.raises(UserError, match=r"^--templates .*t.txt: not a UTF-8 text file"):
         resolve_templates(str(f), "x {}")
     with pytest.raises(UserError, match="--templates fancy: not 'single', 'ensemble' or an existing file"):
         resolve_templates("fancy", "x {}")
@@ -434,3 +480,25 @@ def test_dvc_passes_the_view_settings():
     # The zero-shot store trains no adapter: test views only, and no re-run when the train views change.
     assert "${extract}" in zero_shot["cmd"] and "views" not in str(zero_shot)
 
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"model": 3}, "key 'model' is 3; expected a non-empty one-line string"),
+    ({"pretrained": None}, "key 'model' is missing"),
+    ({"model": "ballad-tiny", "pretrained": ["openai"]}, "key 'pretrained' is ['openai']; expected null or a one-line"),
+    ({"model": "ballad-tiny\nRN50"}, r"key 'model' is 'ballad-tiny\nRN50'"),
+    ({"model": "ballad-tiny", "logit_scale": float("nan")}, "key 'logit_scale' is nan; expected a finite number > 0"),
+    ({"model": "ballad-tiny", "tuning": {"tune": "lora2"}}, "key 'tuning.tune' is 'lora2'; expected one of full, bias"),
+    (["ballad-tiny"], "holds ['ballad-tiny']; expected a JSON object"),
+], ids=["model-type", "no-model", "pretrained-type", "model-line-break", "nan-scale", "tune", "not-an-object"])
+def test_an_edited_final_json_is_a_one_line_error_naming_the_key(tmp_path, meta, message):
+    """extract reads the architecture and the pretrained tag from the final.json beside --ckpt: a file
+    anyone can edit, checked key by key (issue 22) before anything is built from it."""
+    from stages.extract_meta import resolve_checkpoint
+
+    (tmp_path / "final.pt").write_bytes(b"weights")
+    (tmp_path / "final.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError) as e:
+        resolve_checkpoint(str(tmp_path / "final.pt"), None, None)
+    assert str(e.value).startswith(f"{tmp_path / 'final.json'}: {message}")
+    assert str(e.value).endswith("; fix it, or delete it and pass --model") and "\n" not in str(e.value)

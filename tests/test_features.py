@@ -1,6 +1,8 @@
 """The feature store on its own: synthetic stores, the resumable split writer, refusals."""
 from __future__ import annotations
 
+import json
+import math
 import threading
 
 import numpy as np
@@ -9,7 +11,8 @@ import zarr
 
 import store.features as features
 from pipeline.errors import UserError
-from store.features import FeatureStore, SplitWriter, chunk_rows, create_store, write_store
+from store.features import (FeatureStore, SplitWriter, chunk_rows, create_store, make_fingerprint, write_store,
+                            write_text)
 
 K, D = 4, 8
 
@@ -84,13 +87,21 @@ def _stage_parts(writer, rng, counts):
 
 
 def _attrs():
-    return {"format": features.FORMAT, "fingerprint": {"model": "m"}, "dtype": "float16", "classnames": ["a"],
-            "embed_dim": D, "logit_scale": 1.0, "train_class_counts": [1], "command": "ballad-pipe extract --out x"}
+    return {"format": features.FORMAT, "fingerprint": make_fingerprint("m", None, None, ["a"], D), "dtype": "float16",
+            "classnames": ["a"], "embed_dim": D, "logit_scale": 1.0, "train_class_counts": [1],
+            "command": "ballad-pipe extract --out x"}
+
+
+def _create(path):
+    """A store as extract starts it: root attributes and class text, no split yet."""
+    group = create_store(path, _attrs())
+    write_text(group, np.ones((1, D)), ["a photo of a a."], ["a photo of a {}."])
+    return group
 
 
 def test_split_writer_refuses_unfinished_then_writes_in_shard_order(tmp_path, monkeypatch):
     monkeypatch.setattr(features, "CHUNK_ROWS", 7)  # several chunks, crossing shard boundaries
-    group = create_store(tmp_path / "s.zarr", _attrs())
+    group = _create(tmp_path / "s.zarr")
     writer = SplitWriter(group, "train", 5, "float16")
     staging = tmp_path / "s.zarr" / features.STAGING / "train"
     staging.mkdir(parents=True)
@@ -114,7 +125,7 @@ def test_two_processes_write_disjoint_chunks_of_the_same_arrays(tmp_path, monkey
     monkeypatch.setattr(features, "CHUNK_ROWS", 5)
     stores = {}
     for world in (1, 2):
-        group = create_store(tmp_path / f"w{world}.zarr", _attrs())
+        group = _create(tmp_path / f"w{world}.zarr")
         writer = SplitWriter(group, "train", 4, "float16")
         writer.prepare(is_main=True)
         _stage_parts(writer, np.random.default_rng(4), [6, 7, 1, 9])
@@ -207,7 +218,7 @@ def test_split_writer_stages_and_writes_views(tmp_path, monkeypatch):
     staged = [rng.normal(size=(v, n, D)).astype(np.float16) for n in counts]
     stores = {}
     for world in (1, 2):
-        group = create_store(tmp_path / f"w{world}.zarr", _attrs())
+        group = _create(tmp_path / f"w{world}.zarr")
         writer = SplitWriter(group, "train", len(counts), "float16", extra=features.ExtraViews("views", v, v))
         writer.prepare(is_main=True)
         for s, n in enumerate(counts):
@@ -265,3 +276,67 @@ def test_damaged_chunk_is_a_one_line_error_naming_array_and_rebuild(tmp_path, ar
     problem = {"flip": "CRC32C checksum", "truncate": "CRC32C checksum", "delete": "chunk files are missing"}[damage]
     assert problem in message
     assert message.endswith(f"rebuild the store: `rm -r {path} && ballad-pipe extract --ckpt c.pt --data d --out x`")
+
+
+def _edit_attrs(store, node: str, **attrs):
+    """Edit a group's attributes in its zarr.json by hand, as a user or a script would (no checksum covers them)."""
+    path = store / node / "zarr.json"
+    doc = json.loads(path.read_text())
+    doc["attributes"].update(attrs)
+    path.write_text(json.dumps(doc))
+
+
+RENAMED = ["c0", "c1", "c2", "C3"]
+
+
+@pytest.mark.parametrize("node, attrs, message", [
+    ("", {"logit_scale": math.nan}, "{s}: attribute 'logit_scale' is nan; expected a finite number > 0 and ≤ 10000"),
+    ("", {"logit_scale": -100}, "{s}: attribute 'logit_scale' is -100; expected a finite number > 0"),
+    ("", {"dtype": "float64"}, "{s}: attribute 'dtype' is 'float64'; expected one of float16, float32"),
+    ("", {"train_class_counts": [5, 5, 5]}, "{s}: attribute 'train_class_counts' is [5, 5, 5]; expected a list of 4 "
+                                            "items (as many as 'classnames')"),
+    ("", {"train_class_counts": [5, 5, 5, -1]}, "{s}: attribute 'train_class_counts[3]' is -1; expected a whole number"),
+    ("", {"classnames": RENAMED}, "{s}: attribute 'fingerprint.classnames_sha256' is '"),
+    ("", {"embed_dim": 7}, "{s}: attribute 'fingerprint.embed_dim' is 8; expected 7 (equal to 'embed_dim')"),
+    ("", {"embed_dim": 7, "fingerprint": make_fingerprint("synthetic", None, None, [f"c{i}" for i in range(K)], 7)},
+     "{s}/text/embeddings: shape (4, 8), expected shape (4, 7) (4 classnames of embed_dim 7)"),
+    ("", {"classnames": ["c0", "c1", "c2"], "train_class_counts": [1, 1, 1],
+          "fingerprint": make_fingerprint("synthetic", None, None, ["c0", "c1", "c2"], D)},
+     "{s}/text/embeddings: shape (4, 8), expected shape (3, 8) (3 classnames of embed_dim 8)"),
+    ("", {"splits": ["train", "val", "test"]}, "{s}: has no group 'val' (listed in attribute 'splits')"),
+    ("", {"splits": ["train", "../test"]}, "{s}: attribute 'splits[1]' is '../test'; expected a split name"),
+    ("", {"command": "ballad-pipe extract\nrm -rf ~"}, "{s}: attribute 'command' is 'ballad-pipe extract\\nrm -rf ~'"),
+    ("text", {"templates": []}, "{s}/text: attribute 'templates' is []; expected a non-empty list"),
+    ("train", {"complete": "yes"}, "{s}/train: attribute 'complete' is 'yes'; expected true or false"),
+    ("train", {"num_samples": 7}, "{s}/train: image, label and key rows {{'image': 50, 'label': 50, 'key': 50}} "
+                                  "disagree with num_samples 7"),
+    ("train", {"views": 2}, "{s}/train/views: shape (3, 50, 8), expected shape (2, 50, 8) (views 2, num_samples 50, "
+                            "embed_dim 8)"),
+    ("test", {"tta": "ten-crop"}, "{s}/test/tta: shape (5, 12, 8), expected shape (10, 12, 8) (tta 'ten-crop', "),
+    ("test", {"views": 5}, "{s}/test/views: missing, expected shape (5, 12, 8)"),
+], ids=["nan-scale", "negative-scale", "dtype", "counts-short", "negative-count", "renamed-class", "dim",
+        "dim-and-fingerprint", "classes", "split-group", "split-path", "command-line-break", "templates", "complete", "num-samples",
+        "views", "tta", "views-not-there"])
+def test_an_edited_attribute_is_a_one_line_error_naming_the_key(tmp_path, node, attrs, message):
+    """zarr.json is plain JSON that no chunk checksum covers: opening the store checks every attribute and
+    its agreement with the arrays' shapes, before anything is computed from them (issue 22: an edited
+    NaN logit scale made `evaluate` report NaN metrics and exit 0)."""
+    path = tmp_path / "s.zarr"
+    _with_views(path, np.random.default_rng(8))
+    _edit_attrs(path, node, **attrs)
+    with pytest.raises(UserError) as e:
+        FeatureStore.open(path)
+    text = str(e.value)
+    assert text.startswith(message.format(s=path)) and "\n" not in text
+    assert text.endswith(f"; rebuild the store: `rm -r {path} && ballad-pipe extract … --out {path}`")
+
+
+def test_extract_does_not_resume_a_store_whose_attributes_were_edited(tmp_path):
+    """Resuming reads the old attributes to decide what to keep: edited ones are refused like a clash."""
+    path = tmp_path / "s.zarr"
+    create_store(path, _attrs())
+    _edit_attrs(path, "", fingerprint="m")
+    with pytest.raises(UserError, match=r"^--out .*s.zarr: attribute 'fingerprint' is 'm'; expected an object with "
+                                        r"'model', .*; choose another --out or pass --overwrite$"):
+        create_store(path, _attrs())
+    assert create_store(path, _attrs(), overwrite=True).attrs["fingerprint"] == _attrs()["fingerprint"]

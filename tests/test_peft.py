@@ -311,7 +311,7 @@ def test_every_variant_resumes_to_the_uninterrupted_run(small_data, tmp_path, mo
 def test_adaptformer_head_resumes_after_sigkill(small_data, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     args = ["--data", str(small_data), "--model", "ballad-tiny-vit", "--out", str(out), "--epochs", "1",
-            "--batch-size", "16", "--save-every", "2", "--optimizer", "adamw", "--lr", "1e-3", "--workers", "0",
+            "--schedule", "standard", "--batch-size", "16", "--save-every", "2", "--optimizer", "adamw", "--lr", "1e-3", "--workers", "0",
             "--shuffle-buffer", "50", "--tune", "adaptformer", "--classifier", "head", "--loss", "logit-adjusted"]
     kill_after_first_save(args, out, tmp_path)
     saved = torch.load(out / "last.pt", weights_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import torch
 
 from pipeline.errors import UserError
 from stages.phase_a import PhaseAConfig, Towers, param_digest, resume_state, run_phase_a, set_batchnorm, train_step
+from test_images import HOSTILE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="ballad-tiny", optimizer="adamw", lr=1e-3, weight_decay=0.05, workers=0, shuffle_buffer=50)
@@ -162,9 +164,9 @@ def test_train_writes_log_checkpoints_and_an_open_clip_state_dict(small_data, tm
 @pytest.mark.slow
 def test_resume_after_sigkill_continues_from_the_saved_step(small_data, tmp_path, caplog):
     out = tmp_path / "run"
-    args = ["--data", str(small_data), "--model", "ballad-tiny", "--out", str(out), "--epochs", "1", "--batch-size",
-            "16", "--save-every", "2", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05", "--workers", "0",
-            "--shuffle-buffer", "50"]
+    args = ["--data", str(small_data), "--model", "ballad-tiny", "--out", str(out), "--epochs", "1", "--schedule",
+            "standard", "--batch-size", "16", "--save-every", "2", "--optimizer", "adamw", "--lr", "1e-3",
+            "--weight-decay", "0.05", "--workers", "0", "--shuffle-buffer", "50"]
     kill_after_first_save(args, out, tmp_path)
     assert not (out / "final.pt").exists()
     saved = torch.load(out / "last.pt", weights_only=True)["step"]
@@ -172,8 +174,8 @@ def test_resume_after_sigkill_continues_from_the_saved_step(small_data, tmp_path
     before = [r for r in read_log(out) if r["step"] <= saved]
 
     with caplog.at_level(logging.INFO, logger="ballad.phase_a"):
-        run_phase_a(PhaseAConfig(data=str(small_data), out=str(out), epochs=1, batch_size=16, save_every=2, resume=True,
-                                 **TINY))
+        run_phase_a(PhaseAConfig(data=str(small_data), out=str(out), epochs=1, schedule="standard", batch_size=16,
+                                 save_every=2, resume=True, **TINY))
     assert f"at step {saved} of 7" in caplog.text
     rows = read_log(out)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 8))  # each step once: no restart, no gap
@@ -258,7 +260,8 @@ def test_bad_input_gives_one_line_errors(small_data, tmp_path):
     from pipeline.cli import main
 
     def fails(match, data=small_data, **kw):
-        cfg = PhaseAConfig(data=str(data), out=str(tmp_path / "out"), **{**TINY, "epochs": 1, "batch_size": 16, **kw})
+        cfg = PhaseAConfig(data=str(data), out=str(tmp_path / "out"),
+                           **{**TINY, "epochs": 1, "schedule": "standard", "batch_size": 16, **kw})
         with pytest.raises(UserError, match=match) as e:
             run_phase_a(cfg)
         assert "\n" not in str(e.value)
@@ -287,7 +290,7 @@ def test_bad_input_gives_one_line_errors(small_data, tmp_path):
     assert result.exit_code != 0 and result.output.startswith("Error: ") and result.output.count("\n") == 1
 
 
-def test_corrupt_samples_are_skipped_and_counted_or_fail_with_strict(small_data, tmp_path, tiny_backbone):
+def test_corrupt_samples_fail_or_are_skipped_and_counted_with_skip_bad(small_data, tmp_path, tiny_backbone):
     from stages.phase_a_data import BadSampleCounter, train_batches
     from store.shards import Sample, load_dataset, read_shard, write_shard
 
@@ -299,19 +302,73 @@ def test_corrupt_samples_are_skipped_and_counted_or_fail_with_strict(small_data,
 
     counter = BadSampleCounter()
     it = train_batches(load_dataset(data).urls("train"), tiny_backbone.eval_transform, seed=0, epoch=0, micro_batch=8,
-                       workers=2, shuffle_buffer=20, distributed=False, on_bad=counter)
+                       workers=2, shuffle_buffer=20, distributed=False, skip_bad=True, on_bad=counter)
     seen = {k for _ in range(12) for k in next(it)[0]}
     it.close()  # stops the workers now: left to the garbage collector, torch waits 5 s for each
     assert len(seen) == 117 - len(bad_keys) and not seen & bad_keys and counter.value >= len(bad_keys)
 
     with pytest.raises(UserError, match="sample 'train_0000[0-3][0-9]' in .*shard-000000.tar: unreadable") as e:
-        run_phase_a(PhaseAConfig(data=str(data), out=str(tmp_path / "strict"), epochs=1, batch_size=16, strict=True,
+        run_phase_a(PhaseAConfig(data=str(data), out=str(tmp_path / "stops"), epochs=1, schedule="standard",
+                                 batch_size=16,
                                  **{**TINY, "workers": 1}))
     assert "\n" not in str(e.value)
+
+
+def _hostile_copy(small_data, dst: Path, split: str, kind: str) -> tuple[Path, Path]:
+    """small_data with every image of the split's first shard replaced by a HOSTILE one: (data, that shard)."""
+    from store.shards import Sample, read_shard, write_shard
+
+    suffix, image, _ = HOSTILE[kind]
+    data = copy_data(small_data, dst)
+    shard = data / split / "shard-000000.tar"
+    write_shard(shard, [Sample(s.key, suffix, image, s.label) for s in read_shard(shard)])
+    rerecord_shards(data)
+    return data, shard
+
+
+def _phase_a_cli(data: Path, out: Path, *args: str):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    return CliRunner().invoke(main, ["phase-a", "--data", str(data), "--out", str(out), "--model", "ballad-tiny",
+                                     "--optimizer", "adamw", "--lr", "1e-3", "--epochs", "1", "--schedule", "standard",
+                                     "--batch-size", "16", "--workers", "1", "--shuffle-buffer", "50", "--device",
+                                     "cpu", *args])
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_hostile_train_image_stops_phase_a_with_one_line(small_data, tmp_path, kind):
+    data, shard = _hostile_copy(small_data, tmp_path / "data", "train", kind)
+    result = _phase_a_cli(data, tmp_path / "out")  # decoded in a loader worker
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert re.fullmatch(rf"Error: sample 'train_\d+' in {re.escape(str(shard))}: unreadable image "
+                        rf"\({re.escape(HOSTILE[kind][2])}\); pass --skip-bad to skip unreadable images\n",
+                        result.output), result.output
+    assert not (tmp_path / "out" / "final.pt").exists()
+
+
+def test_phase_a_skip_bad_and_max_pixels_in_training_and_validation(small_data, tmp_path):
+    data, _ = _hostile_copy(small_data, tmp_path / "train_bad", "train", "bomb")
+    result = _phase_a_cli(data, tmp_path / "skipped", "--skip-bad")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "skipped" / "final.json").read_text())
+    assert meta["bad_samples"] >= 1 and meta["config"]["skip_bad"] is True
+    data, shard = _hostile_copy(small_data, tmp_path / "val_bad", "val", "truncated")
+    result = _phase_a_cli(data, tmp_path / "val")  # trains the epoch, then its validation meets the image
+    assert result.exit_code != 0 and re.fullmatch(rf"Error: sample 'val_\d+' in {re.escape(str(shard))}: unreadable "
+                                                  r"image \(truncated file\); pass --skip-bad to skip unreadable "
+                                                  r"images\n", result.output), result.output
+    result = _phase_a_cli(small_data, tmp_path / "small", "--max-pixels", "1023")  # 32 × 32 images
+    assert result.exit_code != 0 and "unreadable image (decompression bomb: 32×32 = 1,024 pixels, above " \
+                                     "--max-pixels 1,023)" in result.output and result.output.count("\n") == 1
+    result = _phase_a_cli(small_data, tmp_path / "zero", "--max-pixels", "0")
+    assert result.exit_code != 0 and result.output == "Error: --max-pixels 0: must be at least 1\n"
 
 
 def test_non_finite_loss_stops_with_a_clear_message(small_data, tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(UserError, match="step 1: loss is nan; stopped without updating the weights"):
-        run_phase_a(PhaseAConfig(data=str(small_data), out=str(out), epochs=1, batch_size=16, logit_scale=1e39, **TINY))
+        run_phase_a(PhaseAConfig(data=str(small_data), out=str(out), epochs=1, schedule="standard", batch_size=16,
+                                 loss="logit-adjusted", la_tau=1e39, **TINY))
     assert not (out / "final.pt").exists() and not (out / "last.pt").exists()

@@ -154,6 +154,40 @@ def test_phase_a_runs_each_epoch_at_the_schedules_lr(random_run, pretrained_run)
     assert list(epoch_lrs(pretrained_run).values()) == pytest.approx(torch_cosine(lr, 2, step_first=False), abs=1e-12)
 
 
+@pytest.mark.parametrize("epochs, schedule, zero", [(1, "authors", [1]), (2, "authors", [2]), (50, "authors", [50]),
+                                                    (1, "standard", []), (50, "standard", []),
+                                                    (10**9, "authors", [10**9 - 3, 10**9 - 2, 10**9 - 1, 10**9])])
+def test_the_epochs_at_lr_0_are_those_the_schedule_gives_lr_0(epochs, schedule, zero):
+    """Found by bisection, so that even 2^63 − 1 epochs (the largest --epochs) take no time."""
+    from pipeline.schedule import epoch_lr, zero_lr_epochs
+
+    assert list(zero_lr_epochs(epochs, schedule)) == zero
+    assert [e + 1 for e in range(max(0, epochs - 60), epochs) if epoch_lr(0.2, e, epochs, schedule) == 0] == zero[-60:]
+    assert len(zero_lr_epochs(2**63 - 1, schedule)) > 0
+
+
+def test_a_run_in_which_no_epoch_trains_is_refused_and_two_epochs_run(small_data, tmp_path, caplog):  # noqa: F811
+    """Issue 22: `--epochs 1` on the authors' schedule ran its one epoch at lr 0 and reported success."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    out = tmp_path / "out"
+    args = ["phase-a", "--data", str(small_data), "--model", "ballad-tiny", "--out", str(out), "--optimizer", "adamw",
+            "--lr", "1e-3", "--weight-decay", "0.05", "--workers", "0", "--shuffle-buffer", "50", "--batch-size", "32"]
+    result = CliRunner().invoke(main, [*args, "--epochs", "1"])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert result.output == ("Error: --epochs 1: with --schedule authors every epoch would run at lr 0 and no weight "
+                             "would change (the authors' schedule keeps the last epoch at lr 0); pass --epochs 2 or "
+                             "more, or --schedule standard\n")
+    assert not out.exists()
+    with caplog.at_level(logging.INFO, logger="ballad.schedule"):
+        result = CliRunner().invoke(main, [*args, "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert "epoch 2 of 2 runs at lr 0, where the cosine has reached 0 (with --schedule authors" in caplog.text
+    assert list(epoch_lrs(out).values()) == pytest.approx([1e-3 / 2, 0.0], abs=1e-12)
+
+
 # -- best-epoch selection --------------------------------------------------------------------------------
 
 def test_best_val_selects_the_best_epoch_on_the_full_val_split(random_run):
@@ -290,8 +324,11 @@ def test_workers_default_is_capped_at_the_usable_cores(monkeypatch, cores, expec
     (["--lr", "inf"], "--lr inf: must be above 0 and finite"),
     (["--weight-decay", "-0.1"], "--weight-decay -0.1: must be 0 or more and finite"),
     (["--momentum", "1"], "--momentum 1.0: must be in [0, 1) and finite"),
-    (["--logit-scale", "0"], "--logit-scale 0.0: must be above 0 and finite"),
-    (["--logit-scale", "inf"], "--logit-scale inf: must be above 0 and finite"),
+    (["--logit-scale", "0"], "--logit-scale 0.0: must be above 0 and at most 10000 (what a feature store accepts)"),
+    (["--logit-scale", "inf"], "--logit-scale inf: must be above 0 and at most 10000 (what a feature store "
+                                   "accepts)"),
+    (["--logit-scale", "20000"], "--logit-scale 20000.0: must be above 0 and at most 10000 (what a feature store "
+                                 "accepts)"),
     (["--color-jitter", "-0.5"], "--color-jitter -0.5: must be 0 (off) or more and finite"),
     (["--color-jitter", "nan"], "--color-jitter nan: must be 0 (off) or more and finite"),
     (["--workers", "-1"], "--workers -1: must be 0 or more"),

@@ -147,6 +147,25 @@ def test_corrupt_image_fails_unless_skip_bad(places_like, tmp_path):
     assert info.split("train").class_counts == [3, 1]
 
 
+def test_list_decompression_bomb_is_one_line_and_max_pixels_applies(places_like, tmp_path):
+    from test_images import BOMB
+
+    root, train, test = places_like  # 8 × 8 JPEGs
+    (root / "train/bakery/00000001.jpg").write_bytes(BOMB)
+    args = ["prepare", "list", "--root", str(root), "--train-list", str(train), "--test-list", str(test)]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o1")])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert result.output.splitlines() == [
+        f"Error: {root}/train/bakery/00000001.jpg: unreadable image (decompression bomb: 20000×20000 = 400,000,000 "
+        "pixels, above --max-pixels 89,478,485); pass --skip-bad to skip unreadable images"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o2"), "--max-pixels", "63", "--skip-bad"])
+    assert result.exit_code != 0 and result.output.splitlines() == ["Error: split 'train': no readable images left"]
+    info = load_dataset(prepare_lists(tmp_path / "o3", root, train, test, skip_bad=True, max_pixels=64))
+    assert info.split("train").skipped == ["train/bakery/00000001"] and "--skip-bad --max-pixels 64" in info.command
+    with pytest.raises(UserError, match=r"^--max-pixels 0: must be an integer at least 1$"):
+        prepare_lists(tmp_path / "o4", root, train, test, max_pixels=0)
+
+
 def test_output_dir_holding_another_dataset_is_refused(places_like, tmp_path):
     root, train, test = places_like
     out = prepare_lists(tmp_path / "o", root, train, test)
@@ -163,7 +182,8 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
     assert result.output.strip() == f"Error: --root {tmp_path / 'x'}: image root directory not found"
 
 
-def _fake_cifar(path: Path, per_class_train=6, per_class_test=2):
+def _fake_cifar(path: Path, per_class_train=6, per_class_test=2, replace=None):
+    """A miniature of the official archive; ``replace``: {member name: bytes} written instead of its pickle."""
     rng = np.random.default_rng(0)
 
     def split(n):
@@ -174,7 +194,7 @@ def _fake_cifar(path: Path, per_class_train=6, per_class_test=2):
     meta = {b"fine_label_names": [f"class_{i}".encode() if i else b"aquarium_fish" for i in range(100)]}
     with tarfile.open(path, "w:gz") as tar:
         for name, obj in (("train", split(per_class_train)), ("test", split(per_class_test)), ("meta", meta)):
-            data = pickle.dumps(obj)
+            data = (replace or {}).get(name) or pickle.dumps(obj)
             ti = tarfile.TarInfo(f"cifar-100-python/{name}")
             ti.size = len(data)
             tar.addfile(ti, io.BytesIO(data))
@@ -190,6 +210,41 @@ def test_cifar100_lt_counts(tmp_path):
     assert info.split("train").class_counts == expected
     assert info.split("test").class_counts == [2] * 100
     assert info.classnames[0] == "aquarium fish" and info.name == "cifar100-lt-r100"
+
+
+class _Runs:
+    """Unpickling this calls os.system: what a hostile CIFAR archive could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_cifar_archive_that_holds_code_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    good = {b"data": np.zeros((100, 3072), np.uint8), b"fine_labels": list(range(100))}
+    cases = {
+        "code": ({"train": pickle.dumps({**good, b"x": _Runs(marker)})}, r"'cifar-100-python/train' is not a CIFAR "
+                                                                        r"pickle \(UnpicklingError: refusing to load "
+                                                                        r"(posix|os)\.system\)"),
+        "garbled": ({"test": b"\x80\x04garbage"}, r"'cifar-100-python/test' is not a CIFAR pickle"),
+        "no data": ({"train": pickle.dumps({b"fine_labels": [0]})}, r"'cifar-100-python/train' has no 'data'"),
+        "labels": ({"train": pickle.dumps({**good, b"fine_labels": [100] * 100})}, r".cifar-100-python/train. does not hold N × 3072 uint8 "
+                                                                                  r"images with N labels below 100"),
+        "shape": ({"test": pickle.dumps({**good, b"data": np.zeros((100, 7), np.uint8)})}, r".cifar-100-python/test. does not hold N × 3072"),
+        "names": ({"meta": pickle.dumps({b"fine_label_names": "abc"})}, r"'cifar-100-python/meta' has no list of class "
+                                                                        r"names"),
+    }
+    for case, (replace, message) in cases.items():
+        archive = _fake_cifar(tmp_path / f"{case.replace(' ', '_')}.tar.gz", replace=replace)
+        result = CliRunner().invoke(main, ["prepare", "cifar100-lt", "--archive", str(archive), "--out",
+                                           str(tmp_path / "out")])
+        assert result.exit_code != 0 and isinstance(result.exception, SystemExit), (case, result.output)
+        assert re.fullmatch(rf"Error: {re.escape(str(archive))}: {message}.*\n", result.output), (case, result.output)
+        assert not marker.exists(), case
+    assert not (tmp_path / "out" / "dataset.json").exists()
 
 
 @pytest.mark.slow  # three prepare subprocesses, one killed

@@ -2,15 +2,12 @@
 shards, local, pipe: or http) and dataset.json read from a URL, with a real HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
-import functools
 import io
 import json
 import pickle
 import re
 import shutil
 import tarfile
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ from stages.phase_a_data import check_shards
 from stages.prepare import prepare_folder, prepare_index, prepare_synthetic
 from store.shards import LabelKey, ShardURL, load_dataset, read_shard, verify_shards
 from store.stream import sample_stream
+from test_images import HOSTILE
 
 
 def _image(path: Path, value: int, fmt: str = "JPEG") -> None:
@@ -125,11 +123,41 @@ def test_folder_classes_file_overrides_the_folder_names(tmp_path):
 def test_folder_bad_image_fails_unless_skip_bad(tmp_path):
     root = _tree(tmp_path / "pets", FLAT)
     (root / "dog" / "img_004.jpg").write_bytes(b"not a jpeg")
-    _fails(r"^Error: .*dog/img_004.jpg: unreadable image \(UnidentifiedImageError\) \(pass --skip-bad",
+    _fails(r"^Error: .*dog/img_004.jpg: unreadable image \(unknown image format\); pass --skip-bad",
            "prepare", "folder", "--root", root, "--out", tmp_path / "o1")
     info = load_dataset(prepare_folder(tmp_path / "o2", root, skip_bad=True))
     lost = [s for s, i in info.splits.items() if i.skipped == ["dog/img_004"]]
     assert len(lost) == 1 and sum(sum(i.class_counts) for i in info.splits.values()) == sum(FLAT.values()) - 1
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_folder_hostile_image_stops_with_one_line_or_is_skipped_and_reported(tmp_path, kind, caplog):
+    suffix, data, reason = HOSTILE[kind]
+    root = _tree(tmp_path / "pets", FLAT)
+    bad = root / "dog" / f"hostile.{suffix}"
+    bad.write_bytes(data)
+    result = CliRunner().invoke(main, ["prepare", "folder", "--root", str(root), "--out", str(tmp_path / "o1")])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert result.output.splitlines() == [f"Error: {bad}: unreadable image ({reason}); pass --skip-bad to skip "
+                                          "unreadable images"]
+    code, lines = _cli("prepare", "folder", "--root", root, "--out", tmp_path / "o2", "--skip-bad")
+    assert code == 0, lines
+    info = load_dataset(tmp_path / "o2")
+    assert [k for i in info.splits.values() for k in i.skipped] == ["dog/hostile"]
+    assert sum(sum(i.class_counts) for i in info.splits.values()) == sum(FLAT.values())  # all the others
+    assert any(re.fullmatch(r"\w+: skipped 1 unreadable image\(s\): dog/hostile", r.getMessage()) for r in caplog.records)
+
+
+def test_folder_max_pixels_is_checked_first_applies_to_every_image_and_is_recorded(tmp_path):
+    root = _tree(tmp_path / "pets", FLAT)  # 8 × 8 images
+    folder = ["prepare", "folder", "--root", root]
+    _fails(r"^Error: --max-pixels 0: must be an integer at least 1$", *folder, "--out", tmp_path / "o", "--max-pixels", "0")
+    assert not (tmp_path / "o").exists()
+    _fails(r"^Error: .*/img_0\d\d.jpg: unreadable image \(decompression bomb: 8×8 = 64 pixels, above --max-pixels "
+           r"63\); pass --skip-bad to skip unreadable images$", *folder, "--out", tmp_path / "o", "--max-pixels", "63")
+    info = load_dataset(prepare_folder(tmp_path / "o2", root, max_pixels=64))
+    assert sum(sum(i.class_counts) for i in info.splits.values()) == sum(FLAT.values())
+    assert info.command.endswith(" --max-pixels 64")
 
 
 def test_folder_bad_input_gives_one_line_errors(tmp_path):
@@ -273,12 +301,20 @@ def test_index_reads_pipe_commands_and_http(foreign, server):
     local = load_dataset(prepare_index(shards.parent / "local", [f"train={shards}/part-{{0..2}}.tar"], str(names),
                                        label_key="json:label"))
     for pattern in (f"pipe:cat {shards}/part-{{0..2}}.tar", f"{base}/foreign/part-{{0..2}}.tar"):
-        info = load_dataset(prepare_index(shards.parent / "remote", [f"train={pattern}"], str(names),
-                                          label_key="json:label", overwrite=True))
+        described = prepare_index(shards.parent / "remote", [f"train={pattern}"], str(names), label_key="json:label",
+                                  overwrite=True)  # typed here, the commands run
+        info = load_dataset(described, allow_commands=True)
         s = info.split("train")
         assert s.class_counts == local.split("train").class_counts and s.shard_bytes == [None] * 3
         assert s.shards[0] == pattern.replace("{0..2}", "0") and info.urls("train")[2].endswith("part-2.tar")
         assert len({info.fingerprint, local.fingerprint}) == 2  # the URLs are part of it
+        streamed = [label for _, _, label in sample_stream(info.urls("train"), split_by_worker=False)]
+        assert sorted(streamed) == sorted(lab for ls in labels for lab in ls)
+    with pytest.raises(UserError, match=r"^pipe:cat .*part-0.tar: a shard command in .*dataset.json; run it only if "
+                                        r"you trust that file: pass --allow-commands$"):
+        prepare_index(shards.parent / "remote", [f"train=pipe:cat {shards}/part-{{0..2}}.tar"], str(names),
+                      label_key="json:label", overwrite=True)
+        load_dataset(shards.parent / "remote").urls("train")  # read back without the reader's consent
 
 
 def test_index_bad_input_gives_one_line_errors(foreign, shapes, server, tmp_path):
@@ -306,12 +342,16 @@ def test_index_bad_input_gives_one_line_errors(foreign, shapes, server, tmp_path
     _fails(r"^Error: --shards test=.*: split 'test' is given twice$", *index, names, "--shards",
            f"test={shards}/part-0.tar", "--shards", f"test={shards}/part-1.tar")
     _fails(r"^Error: --shards text=.*: 'text' cannot name a split", *index, names, "--shards", f"text={shards}/part-0.tar")
+    binary = tmp_path / "classes.bin"
+    binary.write_bytes(b"\xff\xfe\x00zero\n")
+    _fails(r"^Error: --classes .*classes.bin: not a UTF-8 text file of class names", *index, binary, "--shards",
+           f"train={shards}/part-0.tar")
     _fails(r"^Error: --classes .*absent.txt: file not found", *index, tmp_path / "absent.txt", "--shards",
            f"train={shards}/part-0.tar")
     _fails(r"^Error: --workers 0: must be an integer from 1 to 64$", *index, names, "--workers", "0", "--shards",
            f"train={shards}/part-0.tar")
     _, base = server
-    _fails(rf"^Error: {base}/absent-0.tar: cannot be read \(its reader exited with status 22; curl: HTTP error",
+    _fails(rf"^Error: {base}/absent-0.tar: cannot be read \(FileNotFoundError",
            *index, shape_names, "--shards", f"train={base}/absent-{{0..1}}.tar")
     (shards / "part-9.tar").write_bytes(b"\0" * 100)
     _fails(r"^Error: .*part-9.tar: unreadable shard \(ReadError", *index, names, "--label-key", "json:label",
@@ -338,28 +378,6 @@ def test_index_options_are_checked_before_anything_is_read(tmp_path, args, messa
 
 
 # ---------------------------------------------------------------- dataset.json at a URL
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real HTTP server on 127.0.0.1 (port 0) serving a temporary directory: (directory, base URL)."""
-    root = tmp_path_factory.mktemp("www")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    env = pytest.MonkeyPatch()
-    for var in ("no_proxy", "NO_PROXY"):  # curl (webdataset's http reader) must not send loopback to a proxy
-        env.setenv(var, "127.0.0.1,localhost")
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
-    env.undo()
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
-
-
 @pytest.fixture(scope="module")
 def served(server, shapes):
     """The shapes dataset (our own shards, relative paths in dataset.json) served at BASE/shapes."""
@@ -412,8 +430,8 @@ def test_phase_a_runs_from_http(served, tmp_path, single_thread):
     from stages.phase_a import PhaseAConfig, run_phase_a
 
     out = tmp_path / "run"
-    run_phase_a(PhaseAConfig(data=served + "/dataset.json", out=str(out), model="ballad-tiny", epochs=1, batch_size=32,
-                             optimizer="adamw", lr=1e-3, weight_decay=0.05, workers=0, shuffle_buffer=50,
-                             select="last", eval_every=0, device="cpu"))
+    run_phase_a(PhaseAConfig(data=served + "/dataset.json", out=str(out), model="ballad-tiny", epochs=1,
+                             schedule="standard", batch_size=32, optimizer="adamw", lr=1e-3, weight_decay=0.05,
+                             workers=0, shuffle_buffer=50, select="last", eval_every=0, device="cpu"))
     meta = json.loads((out / "final.json").read_text())
     assert meta["dataset"]["path"] == served and meta["steps"] == load_dataset(served).split("train").num_samples // 32

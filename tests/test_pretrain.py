@@ -113,10 +113,11 @@ def test_checkpoint_loads_through_the_factory_like_any_local_checkpoint(tiny_run
 
     from pipeline.models import available_models, create_model
     from pipeline.runtime import sha256_file
+    from stages.extract_meta import read_checkpoint_meta
     from stages.phase_a import batchnorm_mode
 
     sd = state(tiny_run)
-    meta = json.loads((tiny_run.parent / "final.json").read_text())
+    meta = read_checkpoint_meta(tiny_run.parent / "final.json")  # every key as extract and verify check them
     assert meta["sha256"] == sha256_file(tiny_run) and meta["model"] == "ballad-tiny"
     bb = create_model("ballad-tiny", pretrained=str(tiny_run))
     assert bb.pretrained == str(tiny_run) and same_weights(bb.model.state_dict(), sd)

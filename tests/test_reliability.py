@@ -111,6 +111,139 @@ def test_the_lock_of_a_killed_holder_is_free(tmp_path):
             assert path.read_text() == str(os.getpid())
 
 
+# A holder of OUT's lock that starts a child HOW (fork, a fork multiprocessing.Process, or subprocess) and
+# waits. The child prints its PID and how many descriptors of the lock file it holds, then sleeps.
+FORKING_HOLDER = """\
+import multiprocessing, os, subprocess, sys, time
+from pipeline.locks import exclusive_lock, lock_path
+
+def child(out):
+    lock = os.path.realpath(lock_path(out))
+    copies = sum(os.path.realpath(f"/proc/self/fd/{fd}") == lock for fd in os.listdir("/proc/self/fd"))
+    print(os.getpid(), copies, flush=True)
+    time.sleep(600)
+    os._exit(0)
+
+out, how = sys.argv[1], sys.argv[2]
+if how == "child":
+    child(out)
+with exclusive_lock(out):
+    if how == "fork":
+        if os.fork() == 0:
+            child(out)
+    elif how == "multiprocessing":
+        multiprocessing.get_context("fork").Process(target=child, args=(out,)).start()
+    else:
+        subprocess.Popen([sys.executable, __file__, out, "child"], close_fds=False)
+    time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    """``pid`` runs (not a zombie); an orphan's zombie is reaped by init, a child's by our wait."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def forking_holder(out: Path, how: str, tmp_path: Path):
+    """(the holder process, its child's PID, the child's descriptors of the lock); both killed at the end."""
+    script = tmp_path / "holder.py"
+    script.write_text(FORKING_HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), str(out), how], cwd=ROOT, stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    child = None
+    try:
+        child, copies = map(int, proc.stdout.readline().split())
+        yield proc, child, copies
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        if child is not None and alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["fork", "multiprocessing", "subprocess"])
+def test_the_lock_of_a_killed_holder_is_free_while_its_children_live(tmp_path, how):
+    """Issue 22: DataLoader workers, forked while the lock is held, kept it for seconds after a SIGKILL of
+    their parent. subprocess never inherited it (PEP 446); it stays here as a guard."""
+    out = tmp_path / "data"
+    with forking_holder(out, how, tmp_path) as (holder, child, _):
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with exclusive_lock(out) as path:
+            assert path.read_text() == str(os.getpid())
+        assert alive(child)
+
+
+@pytest.mark.parametrize("how", ["fork", "multiprocessing", "subprocess"])
+def test_a_child_holds_no_copy_of_the_lock_and_the_holder_keeps_it(tmp_path, how):
+    """The child closed its copy (a fork's is closed at once); closing a copy leaves the holder's flock held."""
+    out = tmp_path / "data"
+    with forking_holder(out, how, tmp_path) as (holder, child, copies):
+        assert copies == 0
+        with pytest.raises(UserError, match=f"process {holder.pid} is writing it"):
+            with exclusive_lock(out):
+                pass
+        assert alive(child)
+
+
+def test_a_lock_descriptor_is_not_inheritable(tmp_path):
+    """What keeps subprocess's and the spawn and forkserver start methods' children (they exec) off the lock."""
+    with exclusive_lock(tmp_path / "data") as path:
+        [fd] = [int(fd) for fd in os.listdir("/proc/self/fd")
+                if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(path)]
+        assert not os.get_inheritable(fd)
+
+
+def _children(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s child processes (read from /proc, as no library here lists them)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.slow
+def test_extract_killed_while_its_loader_workers_run_resumes_at_once(tiny_data, tmp_path):
+    """Issue 22, end to end: SIGKILL an `extract --workers 2` while its loader workers read shards; the
+    workers live on until they notice (seconds), and the resume started at once must get the lock."""
+    from store.features import FeatureStore
+
+    store = tmp_path / "features.zarr"
+    args = ["extract", "--ckpt", "none", "--model", "ballad-tiny", "--data", str(tiny_data), "--out", str(store),
+            "--workers", "2", "--batch-size", "8", "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "BALLAD_PROGRESS": "0"})
+    workers = []
+    try:
+        deadline = time.monotonic() + 300
+        while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            workers = _children(proc.pid)
+        assert len(workers) == 2, "extract ended (or hung) before its loader workers were seen"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with exclusive_lock(store):  # the resume's first step
+            assert any(alive(w) for w in workers), "the workers exited before the lock was tried: nothing tested"
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        opened = FeatureStore.open(store)
+        assert {s: opened.num_samples(s) for s in ("train", "val", "test")} == {
+            s: load_dataset(tiny_data).split(s).num_samples for s in ("train", "val", "test")}
+    finally:
+        proc.kill()
+        proc.wait()
+        for w in workers:
+            if alive(w):
+                os.kill(w, signal.SIGKILL)
+
+
 def test_the_lock_is_released_when_the_block_ends_or_raises(tmp_path):
     out = tmp_path / "data"
     with pytest.raises(ValueError):
@@ -396,6 +529,12 @@ def _replace_final(ckpt: Path, obj=None, raw: bytes | None = None) -> None:
     (ckpt / "final.json").write_text(json.dumps(meta))
 
 
+def _edit_final(ckpt: Path, **keys) -> None:
+    """final.json edited by hand; a key set to None is removed."""
+    meta = {**json.loads((ckpt / "final.json").read_text()), **keys}
+    (ckpt / "final.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+
+
 @pytest.mark.parametrize("damage, problem", [
     (lambda c: _truncate(c / "final.pt"), "final.pt: damaged or replaced (its sha256 differs from final.json's)"),
     (lambda c: (c / "final.json").unlink(), "final.json: missing or malformed (FileNotFoundError)"),
@@ -403,7 +542,11 @@ def _replace_final(ckpt: Path, obj=None, raw: bytes | None = None) -> None:
     (lambda c: _replace_final(c, raw=pickle.dumps(Evil(c / "ran"))), "final.pt: not a readable state-dict checkpoint"),
     (lambda c: _truncate(c / "last.pt"), "last.pt: unreadable resume state"),
     (lambda c: ((c / "final.pt").unlink(), (c / "final.json").unlink()), "no final.pt, an unfinished run"),
-], ids=["truncated-final", "no-final-json", "other-architecture", "pickle", "truncated-last", "unfinished"])
+    (lambda c: _edit_final(c, steps=-7), "final.json: key 'steps' is -7; expected a whole number ≥ 0; retrain"),
+    (lambda c: _edit_final(c, sha256=None), "final.json: key 'sha256' is missing; expected a sha256"),
+    (lambda c: _edit_final(c, model=["ballad-tiny"]), "final.json: key 'model' is ['ballad-tiny']; expected a non-empty"),
+], ids=["truncated-final", "no-final-json", "other-architecture", "pickle", "truncated-last", "unfinished",
+        "edited-steps", "no-sha256", "edited-model"])
 def test_verify_checkpoint_directory(ckpt_dir, tmp_path, damage, problem):
     lines = assert_all_ok(ckpt_dir, "Phase A checkpoint directory")
     assert lines[1].endswith(" tensors load weights-only into ballad-tiny") and lines[2].endswith("at step 7 loads weights-only")

@@ -24,7 +24,6 @@ from stages.extract import extract
 from stages.prepare import prepare_synthetic
 from store.features import FeatureStore, write_store
 from store.location import object_lock_url, write_lock
-from test_prepare_sources import server  # noqa: F401  (the HTTP server fixture on 127.0.0.1)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 EXTRACT = ["--ckpt", "none", "--model", "ballad-tiny", "--batch-size", "32", "--workers", "0", "--device", "cpu"]

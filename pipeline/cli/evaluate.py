@@ -59,14 +59,19 @@ def evaluate(features, adapter, split, out, many_threshold, few_threshold, logit
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder, e.g. reports/sweep.")
 def sweep(features, lambdas, split, many_threshold, few_threshold, device, out, **train):
     """Train and score one adapter per λ from the cache (paper Fig. 5); each keeps its epoch by --select."""
+    import math
+
     from pipeline.errors import UserError
     from stages.adapter_config import TrainConfig
     from stages.sweep import sweep as run
 
-    try:
+    try:  # float() also reads nan and inf: refused here, by this option's name
         values = [float(v) for v in lambdas.split(",") if v.strip()]
+        finite = all(map(math.isfinite, values))
     except ValueError:
-        raise UserError(f"--lambdas {lambdas}: expected comma-separated numbers") from None
+        finite = False
+    if not finite:
+        raise UserError(f"--lambdas {lambdas}: expected comma-separated finite numbers")
     rows = run(features, out, values, TrainConfig(**train), split=split, many=many_threshold, few=few_threshold,
                device=device)
     click.echo(f"{'λ':>5} {'top-1':>7} {'many':>7} {'medium':>7} {'few':>7} {'epoch':>5} {'val':>7}")

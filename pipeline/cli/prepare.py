@@ -2,11 +2,13 @@
 import click
 
 from pipeline.cli.options import FLOAT_OR_NONE
+from pipeline.images import MAX_PIXELS, MAX_PIXELS_HELP, SKIP_BAD_HELP
 
 shard_size = click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
 overwrite = click.option("--overwrite", is_flag=True, help="Replace a different dataset already in --out.")
 out = click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-skip_bad = click.option("--skip-bad", is_flag=True, help="Skip unreadable images (each key is reported) instead of failing.")
+skip_bad = click.option("--skip-bad", is_flag=True, help=SKIP_BAD_HELP)
+max_pixels = click.option("--max-pixels", default=MAX_PIXELS, show_default=True, help=MAX_PIXELS_HELP)
 name = click.option("--name", help="Dataset name (default: from the input's name).")
 max_side = click.option("--max-side", type=int, help="Store images whose longer side exceeds this many pixels at that "
                         "size (aspect kept) as JPEG, for faster decoding; smaller ones keep their bytes [default: "
@@ -55,17 +57,18 @@ def synthetic(out, imbalance, seed, max_count, test_per_class, val_per_class, im
 @out
 @shard_size
 @skip_bad
+@max_pixels
 @max_side
 @jpeg_quality
 @overwrite
-def list_(root, train_list, test_list, val_list, classes, name, seed, out, shard_size, skip_bad, max_side, jpeg_quality,
-          overwrite):
+def list_(root, train_list, test_list, val_list, classes, name, seed, out, shard_size, skip_bad, max_pixels, max_side,
+          jpeg_quality, overwrite):
     """ImageNet-LT / Places-LT style split lists."""
     from stages.prepare import prepare_lists
 
     path = prepare_lists(out, root, train_list, test_list, val_list=val_list, classes=classes, name=name, seed=seed,
                          shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite, max_side=max_side,
-                         jpeg_quality=jpeg_quality)
+                         jpeg_quality=jpeg_quality, max_pixels=max_pixels)
     click.echo(f"wrote {path}")
 
 
@@ -83,17 +86,18 @@ def list_(root, train_list, test_list, val_list, classes, name, seed, out, shard
 @out
 @shard_size
 @skip_bad
+@max_pixels
 @max_side
 @jpeg_quality
 @overwrite
-def folder(root, val_fraction, test_fraction, seed, classes, name, out, shard_size, skip_bad, max_side, jpeg_quality,
-           overwrite):
+def folder(root, val_fraction, test_fraction, seed, classes, name, out, shard_size, skip_bad, max_pixels, max_side,
+           jpeg_quality, overwrite):
     """Image folders in torchvision's ImageFolder layout."""
     from stages.prepare import prepare_folder
 
     path = prepare_folder(out, root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, classes=classes,
                           name=name, shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite, max_side=max_side,
-                          jpeg_quality=jpeg_quality)
+                          jpeg_quality=jpeg_quality, max_pixels=max_pixels)
     click.echo(f"wrote {path}")
 
 
