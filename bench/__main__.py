@@ -18,8 +18,8 @@ from bench.check import TOLERANCE, verdicts
 
 os.environ.setdefault("BALLAD_PROGRESS", "0")  # no progress bars inside timed code
 
-BENCHES = ("phase_b_cached", "phase_b_imagenet", "sweep", "text_truncation", "extract", "store_read", "scaling", "phase_b_views",
-           "max_side", "decode")
+BENCHES = ("phase_b_cached", "phase_b_imagenet", "sweep", "text_truncation", "text_chunks", "extract", "store_read", "scaling", "phase_b_views",
+           "max_side", "decode", "reports")
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.errors import UserError
-from stages.evaluate import calibration_error, evaluate, shot_accuracy
+from stages.evaluate import (accuracy_bins, calibration_error, evaluate, plot_per_class, score, shot_accuracy,
+                             write_per_class_csv, write_report)
 from stages.sweep import sweep
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -73,6 +74,101 @@ def test_evaluate_writes_consistent_report(lt_store, tmp_path):
     few = [float(r["accuracy"]) for r in rows if int(r["train_count"]) < 20]
     assert m["few"] == pytest.approx(np.mean(few), abs=0.01)
     assert (tmp_path / "zs" / "per_class.png").read_bytes()[:4] == b"\x89PNG"
+    assert list(rows[0]) == ["class_index", "train_count", "test_count", "accuracy", "group", "class"]
+
+
+def scored(train_counts, per_class: int, seed: int = 0) -> dict:
+    """``score`` of random logits where about 60 % of the samples get their own class's logit raised."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(train_counts)), per_class)
+    logits = torch.from_numpy(rng.standard_normal((len(labels), len(train_counts)), dtype=np.float32))
+    hit = np.flatnonzero(rng.random(len(labels)) < 0.6)
+    logits[hit, labels[hit]] += 10
+    return score(logits, labels, np.asarray(train_counts))
+
+
+def in_bin(bins, counts):
+    """[classes, bins] membership by the documented rule lo <= max(count, 1) < hi."""
+    c = np.maximum(counts, 1)[:, None]
+    return (bins["lo"] <= c) & (c < bins["hi"])
+
+
+def test_accuracy_bins_cover_each_tested_class_once_and_weight_by_test_images():
+    rng = np.random.default_rng(0)
+    counts = np.round(np.geomspace(1000, 2, 500)).astype(int)
+    counts[:3] = 0  # no train image: counted as 1, in the first bin
+    test = rng.integers(0, 5, len(counts))  # about a fifth of the classes untested
+    correct = rng.binomial(test, 0.5)
+    b = accuracy_bins(counts, test, correct)
+    assert 12 <= len(b["lo"]) <= 16
+    member = in_bin(b, counts)
+    assert (member[test > 0].sum(1) == 1).all() and (b["classes"] == member[test > 0].sum(0)).all()
+    on_edge = np.isin(counts, b["lo"][1:])
+    assert on_edge.any()  # classes exactly on an edge: in the bin the edge opens
+    assert (member[on_edge].argmax(1) == np.searchsorted(b["lo"], counts[on_edge])).all()
+    for i in range(len(b["lo"])):
+        m = member[:, i] & (test > 0)
+        assert b["images"][i] == test[m].sum()
+        assert b["accuracy"][i] == pytest.approx(100 * correct[m].sum() / test[m].sum())
+        assert b["low"][i] <= b["accuracy"][i] <= b["high"][i]
+    group = lambda n: "many" if n > 100 else "few" if n < 20 else "medium"  # noqa: E731
+    assert all(group(lo) == group(hi - 1) for lo, hi in zip(b["lo"], b["hi"]))  # no bin mixes two groups
+    assert {20, 101} <= set(b["lo"])
+
+
+def test_accuracy_bins_leave_out_empty_bins_and_small_k_gets_fewer():
+    counts = np.array([1000] * 20 + [2] * 20 + [50])
+    test = np.array([3] * 40 + [0])  # the class at 50 has no test sample: its bin has no accuracy
+    b = accuracy_bins(counts, test, np.full(41, 1))
+    assert len(b["lo"]) == 2 and (b["classes"] == 20).all() and b["hi"][0] < b["lo"][1]
+    two = accuracy_bins(np.array([5, 5]), np.array([10, 10]), np.array([4, 6]))
+    # ratio-estimator interval over the classes: p = 0.5, Σ (c − p·n)² = 2, se = √(2 · 2/1) / 20 = 0.1
+    assert len(two["lo"]) == 1 and two["accuracy"][0] == 50
+    assert two["low"][0] == pytest.approx(50 - 19.6) and two["high"][0] == pytest.approx(50 + 19.6)
+    one = accuracy_bins(np.array([5]), np.array([10]), np.array([4]))
+    assert np.isnan(one["low"][0]) and one["accuracy"][0] == 40
+
+
+def test_per_class_csv_parses_with_awkward_names(tmp_path):
+    names = ['Aa, bb', 'say "hi"', "multi\nline", "plain", "trailing,", '"', "ünïcode", "x" * 300]
+    counts = np.array([500, 120, 60, 20, 19, 5, 2, 0])
+    result = scored(counts, per_class=4)
+    result["test_counts"][-1], result["per_class"][-1] = 0, np.nan  # a class the split lacks
+    write_per_class_csv(tmp_path / "p.csv", result, names, counts, 100, 20)
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["class_index", "train_count", "test_count", "accuracy", "group", "class"]
+    assert [r[5] for r in rows[1:]] == names and all(len(r) == 6 for r in rows)
+    assert [int(r[0]) for r in rows[1:]] == list(range(len(names)))
+    assert [int(r[1]) for r in rows[1:]] == counts.tolist()
+    assert [r[4] for r in rows[1:]] == ["many", "many", "medium", "medium", "few", "few", "few", "few"]
+    assert [float(r[3]) for r in rows[1:-1]] == pytest.approx(result["per_class"][:-1], abs=0.005)
+    assert rows[-1][2:4] == ["0", ""]
+
+
+def test_predictions_npz_is_deflated_and_loads(tmp_path):
+    import zipfile
+
+    counts = np.round(np.geomspace(300, 3, 30)).astype(int)
+    result = scored(counts, per_class=20)
+    labels = np.repeat(np.arange(30), 20)
+    keys = np.array([f"test/{i:06d}" for i in range(len(labels))])
+    write_report(tmp_path, result, [f"c{i}" for i in range(30)], counts, keys, labels, 100, 20)
+    with zipfile.ZipFile(tmp_path / "predictions.npz") as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+    pred = np.load(tmp_path / "predictions.npz")
+    assert (pred["key"] == keys).all() and (pred["label"] == labels).all()
+    assert (pred["top5"] == result["top5"]).all() and (pred["score"] == result["scores"]).all()
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic writes left no temporary behind
+
+
+@pytest.mark.parametrize("k", [30, 3000])
+def test_per_class_plot_is_a_png_at_small_and_large_k(tmp_path, k):
+    counts = np.round(np.geomspace(1000, 2, k)).astype(int)
+    result = scored(counts, per_class=1)
+    plot_per_class(tmp_path / "p.png", result, counts, 100, 20)
+    data = (tmp_path / "p.png").read_bytes()
+    assert data[:4] == b"\x89PNG" and len(data) > 10_000
 
 
 def test_logit_adjustment_subtracts_the_log_prior(lt_store, tmp_path):
