@@ -30,7 +30,7 @@ import re
 import shlex
 import shutil
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -42,8 +42,9 @@ from pipeline.locks import exclusive_lock
 from pipeline.options import check_int
 from pipeline.runtime import progress, sha256_file, write_json
 from pipeline.text import DEFAULT_TEMPLATE
-from store.shards import (DATASET_FILE, IMAGE_EXTS, MARKER_FILE, RESERVED_SPLITS, SHARD_PATTERN, SPLIT_NAME, LabelKey,
-                          Sample, has_scheme, local_path, read_shard, write_shard)
+from pipeline.validate import Field, check, describe, fits, show
+from store.shards import (DATASET_FILE, IMAGE_EXTS, MARKER_FILE, RESERVED_SPLITS, SHARD_PATTERN, SPLIT_NAME,
+                          TAXONOMY_LEVELS, LabelKey, Sample, Taxonomy, has_scheme, local_path, read_shard, write_shard)
 from store.trust import open_shard
 
 log = logging.getLogger("ballad.prepare")
@@ -182,7 +183,7 @@ class Shrink:
 def write_dataset(out: str | Path, name: str, classnames: list[str], splits: dict[str, list[Spec]],
                   fingerprint: str, template: str = DEFAULT_TEMPLATE, shard_size: int = 1000,
                   skip_bad: bool = False, overwrite: bool = False, command: str | None = None,
-                  shrink: Shrink | None = None, max_pixels: int = MAX_PIXELS) -> Path:
+                  shrink: Shrink | None = None, max_pixels: int = MAX_PIXELS, taxonomy: Taxonomy | None = None) -> Path:
     """Write ``splits`` as shards under ``out`` and dataset.json last. Resumes an interrupted run and
     rewrites shards that went missing or were damaged since (their sha256 differs from dataset.json's).
 
@@ -193,13 +194,15 @@ def write_dataset(out: str | Path, name: str, classnames: list[str], splits: dic
     dataset.json. Without it, fingerprints stay those of datasets written before the option existed.
     A spec whose ``load`` (or ``shrink``, which decodes within ``max_pixels``) raises ``BadImage`` stops the
     run with its one line, or is left out and listed under ``skipped`` with ``skip_bad`` (--skip-bad).
+    ``taxonomy`` (from ``--classes categories.json``) is recorded as it is and enters no fingerprint: it
+    changes no image, label or prompt, only what an evaluation may report.
     """
     out = Path(out)
-    extra = {}
+    extra = {"taxonomy": taxonomy} if taxonomy else {}
     if shrink is not None:
         fingerprint = _fingerprint(fingerprint, "max-side", shrink.max_side, shrink.jpeg_quality)
         command = command and f"{command} {shlex.join(shrink.options)}"
-        extra = {"max_side": shrink.max_side, "jpeg_quality": shrink.jpeg_quality}
+        extra |= {"max_side": shrink.max_side, "jpeg_quality": shrink.jpeg_quality}
     for split, specs in splits.items():
         if not specs:
             raise UserError(f"split '{split}' of {name} is empty")
@@ -223,7 +226,8 @@ def write_dataset(out: str | Path, name: str, classnames: list[str], splits: dic
 def _describe(out: Path, name: str, classnames: list[str], template: str, fingerprint: str, command: str | None,
               splits: dict, **extra) -> None:
     """dataset.json, written last (atomically): the directory is a dataset from then on. ``extra``: the
-    fields only some runs write (index: label_key, indexed; --max-side: max_side, jpeg_quality)."""
+    fields only some runs write (index: label_key, indexed; --max-side: max_side, jpeg_quality; a
+    categories.json: taxonomy)."""
     write_json(out / DATASET_FILE, {"name": name, "classnames": classnames, "template": template,
                                     "fingerprint": fingerprint, "command": command, **extra, "splits": splits})
 
@@ -424,21 +428,68 @@ def classnames_from_folders(entries, num_classes: int, list_path: Path) -> list[
     return [names[k] for k in range(num_classes)]
 
 
-def load_classnames(classes: str) -> list[str]:
+def load_classnames(classes: str) -> tuple[list[str], Taxonomy | None]:
+    """The class names of a ``--classes`` value, label k = names[k], and their taxonomy where the file
+    gives one: ``imagenet`` (CLIP's curated names), a text file (one name per line) or a ``.json`` file.
+    JSON is there for iNaturalist, whose list folders are numbers (``train_val2018/Plantae/7477/…``) and
+    whose species names ship as ``categories.json``: a list of objects with ``id`` and ``name``, ordered
+    by id, and the levels of TAXONOMY_LEVELS that every object carries (``kingdom`` … ``genus``, kept for
+    coarser-level scoring; other keys are ignored); a plain list of names is read too. Every problem is
+    one line naming the file and the entry."""
     if classes == "imagenet":
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-        return list(IMAGENET_CLASSNAMES)
+        return list(IMAGENET_CLASSNAMES), None
     path = Path(classes)
     if not path.is_file():
         raise UserError(f"--classes {classes}: file not found (or use --classes imagenet)")
     try:
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"--classes {classes}: not a UTF-8 text file of class names, one per line") from None
+    if path.suffix.lower() == ".json":
+        names, taxonomy = _json_classnames(text, path)
+    else:
+        names, taxonomy = [line.strip() for line in text.splitlines() if line.strip()], None
     if not names:
         raise UserError(f"{path}: class file is empty")
-    return names
+    return names, taxonomy
+
+
+# A name as the text form gives it: one line, no surrounding spaces (they would end up in every prompt).
+CLASS_NAME = Field("text", test=(lambda name: bool(name) and name == name.strip(),
+                                 "a non-empty one-line name without leading or trailing spaces"))
+CATEGORY = {"id": Field("int", low=0), "name": CLASS_NAME,
+            **{level: replace(CLASS_NAME, optional=True) for level in TAXONOMY_LEVELS}}
+
+
+def _json_classnames(text: str, path: Path) -> tuple[list[str], Taxonomy | None]:
+    """``load_classnames``'s JSON form. Objects must carry the ids 0..K-1, each once: an id is a label of
+    the split lists, so a gap or a repeat would shift every name after it onto the wrong images."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not JSON ({e})") from None
+    expected = "a JSON list of class names, or of objects with 'id' and 'name' (as iNaturalist's categories.json)"
+    if not isinstance(doc, list):
+        raise UserError(f"{path}: holds {show(doc)}; expected {expected}")
+    if doc and isinstance(doc[0], str):
+        for i, name in enumerate(doc):
+            if not fits(name, CLASS_NAME):
+                raise UserError(f"{path}: entry {i} is {show(name)}; expected {describe(CLASS_NAME)}")
+        return doc, None
+    by_id: dict[int, tuple[int, dict]] = {}
+    for i, entry in enumerate(doc):
+        entry = check(entry, CATEGORY, f"{path}: entry {i}")
+        if entry["id"] in by_id:
+            raise UserError(f"{path}: entry {i} has id {entry['id']}, as entry {by_id[entry['id']][0]} has")
+        by_id[entry["id"]] = (i, entry)
+    missing = next((k for k in range(len(doc)) if k not in by_id), None)
+    if missing is not None:
+        raise UserError(f"{path}: no entry has id {missing}, but {len(doc)} entries need the ids 0..{len(doc) - 1}")
+    entries = [by_id[k][1] for k in range(len(doc))]
+    taxonomy = {level: [e[level] for e in entries] for level in TAXONOMY_LEVELS if all(level in e for e in entries)}
+    return [e["name"] for e in entries], taxonomy or None
 
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; any other format as PNG
@@ -466,12 +517,12 @@ def prepare_lists(out, root, train_list, test_list, val_list=None, classes=None,
     entries = {split: parse_list(p) for split, p in lists.items()}
     max_label = max(lab for es in entries.values() for _, lab in es)
     if classes:
-        names = load_classnames(classes)
+        names, taxonomy = load_classnames(classes)
         if len(names) <= max_label:
             worst = next((p, i) for s, p in lists.items() for i, (_, lab) in enumerate(entries[s]) if lab == max_label)
             raise UserError(f"--classes {classes}: {len(names)} names but {worst[0]} uses label {max_label}")
     else:
-        names = classnames_from_folders(entries["train"], max_label + 1, lists["train"])
+        names, taxonomy = classnames_from_folders(entries["train"], max_label + 1, lists["train"]), None
     for split, es in entries.items():
         for rel, _ in es:
             if not (root / rel).is_file():
@@ -483,7 +534,7 @@ def prepare_lists(out, root, train_list, test_list, val_list=None, classes=None,
                    shard_size=shard_size, skip_bad=skip_bad, max_pixels=max_pixels)
     return _write_files(out, root, entries, names, name or Path(train_list).stem.split("_")[0], fp, cmd, seed=seed,
                         shard_size=shard_size, skip_bad=skip_bad, max_pixels=max_pixels, overwrite=overwrite,
-                        shrink=shrink)
+                        shrink=shrink, taxonomy=taxonomy)
 
 
 def _classes_arg(classes: str | None) -> str | None:
@@ -507,7 +558,7 @@ def _check_file_source(out, root, what: str, seed, shard_size, name, max_side, j
 
 def _write_files(out, root: Path, entries: dict[str, list[tuple[str, int]]], names: list[str], name: str,
                  fingerprint: str, command: str, *, seed: int, shard_size: int, skip_bad: bool, max_pixels: int,
-                 overwrite: bool, shrink: Shrink | None) -> Path:
+                 overwrite: bool, shrink: Shrink | None, taxonomy: Taxonomy | None) -> Path:
     """Image files under ``root``, per split as (relative path, label), → shards: what `list` and `folder`
     share. Files are copied byte for byte when JPEG/PNG/WebP (and not shrunk by --max-side); the train
     split is written in a seeded random order, the others in the order given."""
@@ -515,7 +566,7 @@ def _write_files(out, root: Path, entries: dict[str, list[tuple[str, int]]], nam
               for split, es in entries.items()}
     splits["train"] = _shuffled(splits["train"], seed)
     return write_dataset(out, name, names, splits, fingerprint, shard_size=shard_size, skip_bad=skip_bad,
-                         overwrite=overwrite, command=command, shrink=shrink, max_pixels=max_pixels)
+                         overwrite=overwrite, command=command, shrink=shrink, max_pixels=max_pixels, taxonomy=taxonomy)
 
 
 def _key(rel: str) -> str:
@@ -565,11 +616,11 @@ def prepare_folder(out, root, val_fraction: float | None = None, test_fraction: 
         raise UserError(f"--val-fraction {val_fraction}: {root} has a val/ folder, which is the val split")
     folders = _class_folders(source)
     if classes:
-        names = load_classnames(classes)
+        names, taxonomy = load_classnames(classes)
         if len(names) != len(folders):
             raise UserError(f"--classes {classes}: {len(names)} names for the {len(folders)} class folders of {source}")
     else:
-        names = [f.replace("_", " ") for f in folders]
+        names, taxonomy = [f.replace("_", " ") for f in folders], None
     fractions = {"test": DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction, "val": val_fraction or 0}
     fractions = {split: f for split, f in fractions.items() if split not in given and f > 0}
     entries: dict[str, list[tuple[str, int]]] = {"train": [], **{split: [] for split in (*given, *fractions)}}
@@ -592,7 +643,7 @@ def prepare_folder(out, root, val_fraction: float | None = None, test_fraction: 
                    max_pixels=max_pixels)
     return _write_files(out, root, entries, names, name or root.resolve().name, fp, cmd, seed=seed,
                         shard_size=shard_size, skip_bad=skip_bad, max_pixels=max_pixels, overwrite=overwrite,
-                        shrink=shrink)
+                        shrink=shrink, taxonomy=taxonomy)
 
 
 def _class_folders(path: Path) -> list[str]:
@@ -742,7 +793,7 @@ def prepare_index(out, shards, classes: str, label_key: str = "cls", name: str |
     check_int("--workers", workers, 1, 64)
     out = _check_out(out)
     patterns = _split_patterns(shards)
-    names = load_classnames(classes)
+    names, taxonomy = load_classnames(classes)
     urls = {split: _expand(split, pattern) for split, pattern in patterns.items()}
     with exclusive_lock(out):
         splits, hashes = {}, {}
@@ -764,7 +815,7 @@ def prepare_index(out, shards, classes: str, label_key: str = "cls", name: str |
                        classes=_classes_arg(classes), label_key=str(key), name=name)
         _claim(out, fp, overwrite, keep_files=True)
         _describe(out, name or out.absolute().name, names, DEFAULT_TEMPLATE, fp, cmd, splits, label_key=str(key),
-                  indexed=True)
+                  indexed=True, **({"taxonomy": taxonomy} if taxonomy else {}))
     return out
 
 

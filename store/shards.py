@@ -52,6 +52,10 @@ IMAGE_EXTS = ("jpg", "png", "webp", "jpeg")
 SHARD_PATTERN = "shard-{:06d}.tar"
 DATASET_FILE = "dataset.json"
 MARKER_FILE = ".prepare.json"  # written first: says which dataset an unfinished directory holds
+# The coarser levels a dataset.json may name each class at (``taxonomy``), coarse to fine: iNaturalist's
+# categories.json keys, kept so that an evaluation can score species predictions at genus … kingdom.
+TAXONOMY_LEVELS = ("kingdom", "phylum", "class", "order", "family", "genus")
+Taxonomy = dict[str, list[str]]  # level → class k's name at that level, at [k]
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,7 @@ class DatasetInfo:
     label_key: LabelKey = CLS
     indexed: bool = False  # written by `prepare index`: the shards are the user's, described where they are
     allow_commands: bool = False  # the user's consent that its pipe: entries run (--allow-commands)
+    taxonomy: Taxonomy | None = None  # the classes at coarser levels (TAXONOMY_LEVELS); None: not known
 
     @property
     def num_classes(self) -> int:
@@ -236,7 +241,8 @@ def load_dataset(root: str | os.PathLike, allow_commands: bool = False) -> Datas
                        template=meta["template"], splits=splits, fingerprint=meta["fingerprint"],
                        command=meta.get("command"), indexed=meta.get("indexed", False),
                        label_key=LabelKey.parse(meta.get("label_key", "cls"), f"{meta_path}: label_key"),
-                       allow_commands=allow_commands and not isinstance(root, URLRoot))
+                       allow_commands=allow_commands and not isinstance(root, URLRoot),
+                       taxonomy=meta.get("taxonomy"))
     for name, s in info.splits.items():
         for entry in s.shards:
             _check_entry(info, name, entry, meta_path)
@@ -255,10 +261,11 @@ def _check_description(meta, where) -> None:
 
     The file may come from anywhere (a downloaded folder, a URL), so nothing in it is taken on trust:
     types, ranges, lengths that must agree (one count per class adding up to the split's samples, one
-    record per shard), split names (they become folders and store groups), and the two fields that
-    reach further than a value: ``template`` (a format string: one ``{}``, nothing that looks up
-    attributes or keys) and ``command``, which error messages offer to the user to run (only a
-    ``ballad-pipe prepare`` command line, exactly as shlex quotes it, so that pasting it runs nothing else).
+    record per shard, one name per class at each taxonomy level), split names (they become folders and
+    store groups), and the two fields that reach further than a value: ``template`` (a format string:
+    one ``{}``, nothing that looks up attributes or keys) and ``command``, which error messages offer to
+    the user to run (only a ``ballad-pipe prepare`` command line, exactly as shlex quotes it, so that
+    pasting it runs nothing else).
     """
     from pipeline import validate as v
     from pipeline.text import template_problem
@@ -275,6 +282,9 @@ def _check_description(meta, where) -> None:
         "label_key": v.Field("text", optional=True),
         "max_side": v.Field("int", optional=True, low=8, high=65500),
         "jpeg_quality": v.Field("int", optional=True, low=1, high=100),
+        "taxonomy": v.Field("dict", optional=True, keys={
+            level: v.Field("list", optional=True, length=v.length_of("classnames"), items=v.Field("text", low=1))
+            for level in TAXONOMY_LEVELS}),
         "splits": v.Field("dict", items=v.Field("dict")),
     }, str(where))
     if not meta["splits"]:

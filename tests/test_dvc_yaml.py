@@ -1,10 +1,12 @@
 """dvc.yaml against the code and the parameter files, statically (no stage runs here; the end-to-end run
 is tests/test_dvc_pipeline.py): every stage depends on every project module its command imports, so a
 code change never leaves a stale result; every params section a stage passes whole holds only options of
-its command; every parameter file (params.yaml and each configs/ recipe) fits the stages."""
+its command; every parameter file (params.yaml and each configs/ recipe) fits the stages, down to each
+command line DVC would run being one its command accepts."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 import shlex
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 import yaml
 
 from pipeline.cli import COMMANDS, main
+from pipeline.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages", "store")
@@ -119,3 +122,50 @@ def test_every_parameter_file_has_the_demos_sections(path):
     assert set(params) == set(demo), path.name
     for section in ("data", "model", "adapter"):
         assert set(demo[section]) <= set(params[section]), f"{path.name}: [{section}]"
+
+
+def rendered(cmd: str, params: dict) -> list[str]:
+    """``cmd`` as DVC renders it from ``params``: ``${a.b}`` → its value; a section passed whole → ``--key
+    value`` per key (true → ``--key`` alone, false → nothing, as DVC's default ``store_true``)."""
+    def value(match) -> str:
+        v = params
+        for part in match.group(1).split("."):
+            v = v[part]
+        if not isinstance(v, dict):
+            return str(v)
+        return " ".join(f"--{k}" if w is True else "" if w is False else f"--{k} {shlex.quote(str(w))}"
+                        for k, w in v.items())
+    return shlex.split(re.sub(r"\$\{([\w.]+)\}", value, cmd))
+
+
+def _configs() -> dict:
+    """The commands whose options build a config dataclass, and that dataclass (its ``check`` is theirs)."""
+    from stages.adapter_config import TrainConfig
+    from stages.extract_config import ExtractConfig
+    from stages.phase_a_config import PhaseAConfig
+    from stages.pretrain_config import PretrainConfig
+
+    return {"pretrain": PretrainConfig, "phase-a": PhaseAConfig, "extract": ExtractConfig, "adapter": TrainConfig,
+            "sweep": TrainConfig}
+
+
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
+def test_every_parameter_file_gives_command_lines_their_commands_accept(path):
+    """Each stage's command line parses (types, choices, required options, `prepare`'s sources: a typo in
+    a recipe's data.args included) and its config's own check passes, so `dvc repro` on a recipe fails
+    on no option, on any machine."""
+    params, configs = yaml.safe_load(path.read_text()), _configs()
+    for name, stage in stages().items():
+        words = rendered(stage["cmd"], params)
+        command, args, ctx = main, words[1:], None
+        while isinstance(command, click.Group):  # `prepare list …`: down to the source's command
+            ctx = click.Context(command, parent=ctx)
+            command, args = command.get_command(ctx, args[0]), args[1:]
+            assert command is not None, f"{path.name}: {name}: {words}"
+        config = configs.get(command_of(stage))
+        try:
+            options = command.make_context(command.name, args, parent=ctx).params
+            if config is not None:
+                config(**{f.name: options[f.name] for f in dataclasses.fields(config) if f.name in options}).check()
+        except (click.UsageError, UserError) as e:
+            pytest.fail(f"{path.name}: {name}: {e.format_message() if isinstance(e, click.UsageError) else e}")

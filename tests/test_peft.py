@@ -52,6 +52,7 @@ def encode(model, x):
 def test_lift_width_rule():
     # LIFT's published widths for ViT-B/16 (12 blocks), and the demo's 30 classes on ballad-tiny-vit (6 blocks)
     assert [lift_width(k, 12) for k in (1000, 365, 100)] == [32, 8, 4]
+    assert lift_width(8142, 12) == 256  # iNaturalist 2018: configs/lift_inat2018_vit_b16.yaml says so
     assert lift_width(30, 6) == 2 and lift_width(5, 12) == 1
 
 

@@ -50,7 +50,8 @@ def synthetic(out, imbalance, seed, max_count, test_per_class, val_per_class, im
 @click.option("--train-list", required=True, type=click.Path(), help="`relative/path.jpg <label>` per line.")
 @click.option("--test-list", required=True, type=click.Path())
 @click.option("--val-list", type=click.Path())
-@click.option("--classes", help="Class names file (one per line, index = line) or `imagenet`; "
+@click.option("--classes", help="Class names file (one per line, index = line; or .json: a list of names, or of "
+                                "objects with id and name, as iNaturalist's categories.json) or `imagenet`; "
                                 "default: the train list's folder names.")
 @name
 @click.option("--seed", default=0, show_default=True, help="Seed of the train split's shuffled order.")
@@ -63,7 +64,7 @@ def synthetic(out, imbalance, seed, max_count, test_per_class, val_per_class, im
 @overwrite
 def list_(root, train_list, test_list, val_list, classes, name, seed, out, shard_size, skip_bad, max_pixels, max_side,
           jpeg_quality, overwrite):
-    """ImageNet-LT / Places-LT style split lists."""
+    """ImageNet-LT / Places-LT / iNaturalist 2018 style split lists."""
     from stages.prepare import prepare_lists
 
     path = prepare_lists(out, root, train_list, test_list, val_list=val_list, classes=classes, name=name, seed=seed,
@@ -80,8 +81,8 @@ def list_(root, train_list, test_list, val_list, classes, name, seed, out, shard
 @click.option("--test-fraction", type=FLOAT_OR_NONE, help="Share of each class drawn for test when ROOT has no test/ folder "
                                                   "[default: 0.2].")
 @click.option("--seed", default=0, show_default=True, help="Seed of the per-class split and the train order.")
-@click.option("--classes", help="Class names file (one per line, in sorted-folder order) or `imagenet`; "
-                                "default: the folder names, underscores → spaces.")
+@click.option("--classes", help="Class names file (one per line, in sorted-folder order; or .json, as for "
+                                "`prepare list`) or `imagenet`; default: the folder names, underscores → spaces.")
 @name
 @out
 @shard_size
@@ -123,7 +124,8 @@ def cifar100_lt(archive, out, imbalance, seed, shard_size, max_side, jpeg_qualit
 @click.option("--shards", "shards", multiple=True, required=True, metavar="SPLIT=PATTERN",
               help="A split's shards, once per split: local paths or any URL webdataset opens (http(s)://, "
                    "pipe:CMD, …), with braces ({000000..000146}) and, for local paths, globs.")
-@click.option("--classes", required=True, help="Class names file (one per line, index = line) or `imagenet`.")
+@click.option("--classes", required=True, help="Class names file (one per line, index = line; or .json, as for "
+                                               "`prepare list`) or `imagenet`.")
 @click.option("--label-key", default="cls", show_default=True,
               help="Member holding each sample's integer label: EXT (e.g. cls) or EXT:FIELD for a JSON member's "
                    "field (e.g. json:label).")
