@@ -92,3 +92,12 @@ def encode_text(model, tokens: torch.Tensor, normalize: bool = False) -> torch.T
     if proj is not None:
         x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
     return F.normalize(x, dim=-1) if normalize else x
+
+
+def in_chunks(encode, tokens: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """``encode(tokens)`` computed ``chunk`` prompts at a time and concatenated (all at once for None).
+
+    Bounds the activations of a pass over K prompts by the chunk rather than K (Phase A's ``--text-chunk``:
+    iNaturalist's K is 8,142). Each chunk keeps the whole batch's trimmed length, so every row is the
+    embedding the whole batch gives: the rows do not interact in the text tower."""
+    return encode(tokens) if chunk is None else torch.cat([encode(c) for c in tokens.split(chunk)])

@@ -58,7 +58,8 @@ so a single backward through the text tower carries the gradient of the whole ba
 ``--classifier head`` the head's weights take the text features' part). Under DDP that
 last backward is the one that synchronises, so gradients are all-reduced once per step. With frozen
 BatchNorm statistics this is exact for ResNet towers too; in train mode each micro-batch is
-normalised by its own statistics, as in any gradient accumulation.
+normalised by its own statistics, as in any gradient accumulation. ``--text-chunk`` extends the same
+trick to the prompts (train_step): the text tower's activations are then bounded by the chunk, not K.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ from pipeline.runtime import (atomic_path, autocast, pick_device, progress, save
                               write_json)
 from pipeline.schedule import epoch_lr, note_zero_lr
 from pipeline.shots import group_means
-from pipeline.text import class_prompts, encode_text, tokenize_trimmed
+from pipeline.text import class_prompts, encode_text, in_chunks, tokenize_trimmed
 from stages.phase_a_config import (BATCHNORM_MODES, CLASSIFIERS, LOSSES, OPTIMIZERS, PRECISIONS,  # noqa: F401
                                    SCHEDULES, SELECT_MODES, TUNES, PhaseAConfig)
 from stages.phase_a_data import BadSampleCounter, check_shards, eval_batches, train_batches
@@ -101,7 +102,8 @@ LIVE_DIR = "dvclive"  # in --out: the step and epoch metrics as dvclive writes t
 
 
 
-# What a resumed run must share with the run that wrote last.pt; the rest may change between attempts.
+# What a resumed run must share with the run that wrote last.pt; the rest may change between attempts, as
+# --micro-batch and --text-chunk may: they change how each step's gradient is computed, not what it is.
 RESUME_KEYS = ("model", "pretrained", "epochs", "optimizer", "lr", "weight_decay", "momentum", "batch_size",
                "logit_scale", "schedule", "batchnorm", "color_jitter", "select", "precision", "tune", "lora_rank",
                "adapter_width", "classifier", "loss", "la_tau", "seed")
@@ -116,11 +118,14 @@ class Towers(torch.nn.Module):
     It also owns the numerics. ``fp32``: fp32 weights and bf16 autocast on CUDA (fp32 on CPU).
     ``fp16-weights``: the factory built the model with fp16 weights, as the authors' is; images are
     cast to fp16 and nothing is autocast. Either way the logits are computed in fp32 (cosine_logits).
+
+    ``text_chunk`` (``--text-chunk``): prompts per text-tower pass, or None for all K at once (train_step).
     """
 
-    def __init__(self, clip, precision: str = "fp32", head: torch.Tensor | None = None):
+    def __init__(self, clip, precision: str = "fp32", head: torch.Tensor | None = None,
+                 text_chunk: int | None = None):
         super().__init__()
-        self.clip, self.precision = clip, precision
+        self.clip, self.precision, self.text_chunk = clip, precision, text_chunk
         self.register_parameter("head", None if head is None else torch.nn.Parameter(head))
 
     def _numerics(self, device):
@@ -139,6 +144,13 @@ class Towers(torch.nn.Module):
     def classes(self, tokens):
         """The class weights [K, D]: the text tower on the prompt tokens, or the head."""
         return self.text(tokens) if self.head is None else self.head
+
+    @torch.no_grad()
+    def class_weights(self, tokens) -> torch.Tensor:
+        """The class weights in fp32 without gradients, ``text_chunk`` prompts at a time; detached, so that
+        a head's own tensor does not collect the gradients of what uses them."""
+        return self.head.detach().float() if self.head is not None else in_chunks(self.text, tokens,
+                                                                                  self.text_chunk).float()
 
     def forward(self, images, tokens=None):
         classes = None if tokens is None else self.classes(tokens)
@@ -169,31 +181,65 @@ def cosine_logits(image_features, text_features, scale: float):
 
 def train_step(net, tokens, micro_batches, scale: float, bias: torch.Tensor | None = None) -> float:
     """Forward and backward of one optimizer step over ``micro_batches`` [(images, labels)]; returns the
-    mean loss. ``bias`` [K] is added to the training logits (``--loss logit-adjusted``: τ·log prior)."""
+    mean loss. ``bias`` [K] is added to the training logits (``--loss logit-adjusted``: τ·log prior).
+
+    The earlier micro-batches score against detached class weights and collect the loss gradient g
+    w.r.t. them; the last one runs the text tower with gradients and adds ⟨u, g⟩ to its loss, so one
+    backward through the text tower (the one DDP synchronises) carries the whole batch's gradient.
+    With ``--text-chunk`` (``Towers.text_chunk``, fewer than K) only the last prompt joins that
+    backward: the last micro-batch's share of g is taken from its logits alone (no tower backward), and
+    the other K - 1 prompts, chunk by chunk, run the text tower again with gradients and are
+    backpropagated with their rows of g (_text_backward). One prompt, not a chunk, waits in the
+    synchronising backward, so the text tower's activations held at once are one chunk's, not K's."""
     def loss_of(image, classes, y):
         logits = cosine_logits(image, classes, scale)
         return F.cross_entropy(logits if bias is None else logits + bias, y) * (len(y) / n)
 
+    towers = getattr(net, "module", net)
     n = sum(len(y) for _, y in micro_batches)
     *first, (x_last, y_last) = micro_batches
+    chunk = towers.text_chunk
+    if towers.head is not None or chunk is None or chunk >= len(tokens):
+        chunk = None  # all prompts at once: a head runs no text tower, and a chunk of K or more is all of them
+    chunks = [] if chunk is None else list(tokens[:-1].split(chunk))
+    late = tokens if chunk is None else tokens[-1:]  # the prompts that go through the synchronising backward
+    cut = len(tokens) - len(late)
     total, grad_text = 0.0, None
-    if first:
-        with torch.no_grad():  # detached: a head's own tensor must not collect these gradients itself
-            text = getattr(net, "module", net).classes(tokens).detach().float()
-        text.requires_grad_(True)
+    if first or chunks:
+        text = towers.class_weights(tokens).requires_grad_(True)
         with getattr(net, "no_sync", contextlib.nullcontext)():
             for x, y in first:
                 loss = loss_of(net(x)[0], text, y)
                 loss.backward()
                 total += loss.item()
         grad_text = text.grad
-    image, text = net(x_last, tokens)
-    loss = loss_of(image, text, y_last)
+    image, late_text = net(x_last, late)
+    if chunks:
+        early = text[:cut].detach().requires_grad_(True)
+        loss = loss_of(image, torch.cat([early, late_text.float()]), y_last)
+        if late_text.requires_grad:  # the text tower trains
+            grad_early = torch.autograd.grad(loss, early, retain_graph=True)[0]
+            _text_backward(towers, chunks, (grad_early if grad_text is None else grad_early + grad_text[:cut])
+                           .split(chunk))
+    else:
+        loss = loss_of(image, late_text, y_last)
     total += loss.item()
     if grad_text is not None:
-        loss = loss + (text.float() * grad_text).sum()
+        loss = loss + (late_text.float() * grad_text[cut:]).sum()
     loss.backward()
     return total
+
+
+def _text_backward(towers: Towers, chunks, grads) -> None:
+    """Add to the parameters' .grad each chunk's ⟨u, g⟩ gradient, its text-tower pass rerun with
+    gradients. Through torch.autograd.grad, not backward: the step's synchronising forward has run, and
+    a backward now would fire DDP's gradient hooks before the one backward that must fire them."""
+    params = [p for p in towers.parameters() if p.requires_grad]
+    for chunk, grad in zip(chunks, grads):
+        u = towers.text(chunk)
+        for p, d in zip(params, torch.autograd.grad(u, params, grad.to(u.dtype), allow_unused=True)):
+            if d is not None:
+                p.grad = d if p.grad is None else p.grad.add_(d)
 
 
 @torch.no_grad()
@@ -208,7 +254,7 @@ def split_accuracy(towers: Towers, tokens, urls, transform, *, samples: int, bat
     training = towers.training
     towers.eval()
     try:
-        text = F.normalize(towers.classes(tokens).float(), dim=-1)
+        text = F.normalize(towers.class_weights(tokens), dim=-1)
         correct, seen = torch.zeros(k), torch.zeros(k)
         with progress(desc=desc, total=samples, unit="img") as bar:
             for images, labels in _one_line(eval_batches(urls, transform, batch=batch, workers=workers, limit=samples,
@@ -409,7 +455,8 @@ class _Run:
                                  adapter_width=cfg.adapter_width)
         mark_trainable(self.model, cfg.tune, train_text=cfg.tune == "full" and cfg.classifier == "text")
         self.towers = Towers(self.model, cfg.precision,
-                             text_head(self.model, self.tokens) if cfg.classifier == "head" else None)
+                             text_head(self.model, self.tokens, cfg.text_chunk) if cfg.classifier == "head" else None,
+                             cfg.text_chunk)
         self.tuning["trainable_params"] = sum(p.numel() for p in self.towers.parameters() if p.requires_grad)
         self.bias = (cfg.la_tau * log_prior(info.split("train").class_counts).to(self.device)
                      if cfg.loss == "logit-adjusted" else None)
@@ -655,11 +702,12 @@ def _build_model(cfg: PhaseAConfig, device):
     return bb, channels_last
 
 
-def text_head(model, tokens) -> torch.Tensor:
+def text_head(model, tokens, chunk: int | None = None) -> torch.Tensor:
     """LIFT's classifier initialisation (``init_head: text_feat``): the frozen text tower's L2-normalised
-    embeddings of the class prompts, in fp32. With these weights the head's logits are the zero-shot ones."""
+    embeddings of the class prompts, in fp32, ``chunk`` prompts at a time (``--text-chunk``: the one
+    text-tower pass of a head run). With these weights the head's logits are the zero-shot ones."""
     with torch.no_grad():
-        return F.normalize(encode_text(model, tokens).float(), dim=-1)
+        return F.normalize(in_chunks(lambda t: encode_text(model, t), tokens, chunk).float(), dim=-1)
 
 
 def make_optimizer(cfg: PhaseAConfig, model) -> torch.optim.Optimizer:

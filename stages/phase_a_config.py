@@ -45,6 +45,9 @@ class PhaseAConfig:
     micro_batch: int | None = option(None, "--micro-batch", "Images per forward pass and process (gradient "
                                                             "accumulation); default (or none): the whole batch.",
                                      kind=int)
+    text_chunk: int | None = option(None, "--text-chunk", "Prompts per text-tower pass (memory bounded by the chunk, "
+                                                          "not K; the same gradients); default (or none): all K at "
+                                                          "once.", kind=int)
     logit_scale: float | None = option(None, "--logit-scale", "Fixed logit scale s (default, or none: the model's "
                                                               "own, 100 for OpenAI CLIP).", kind=float)
     schedule: str = option("authors", "--schedule",
@@ -96,7 +99,7 @@ class PhaseAConfig:
     def check(self) -> None:
         """Every option in range before any work starts: a one-line UserError naming the first one that is not."""
         at_least_1 = ("epochs", "batch_size", "save_every", "eval_samples", "lora_rank", "max_pixels", "micro_batch",
-                      "adapter_width")
+                      "text_chunk", "adapter_width")
         at_least_0 = ("workers", "shuffle_buffer", "eval_every")
         check_ints(self, (*((name, 1, INT_MAX, "must be at least 1") for name in at_least_1),
                           *((name, 0, INT_MAX, "must be 0 or more") for name in at_least_0),

@@ -77,6 +77,11 @@ def test_phase_a_config_is_one_class_and_checks_itself():
         PhaseAConfig(data="d", model="m", micro_batch=0).check()
 
 
+def test_text_chunk_is_refused_below_1_in_one_line():
+    result = CliRunner().invoke(main, ["phase-a", "--data", "d", "--model", "m", "--text-chunk", "0"])
+    assert result.exit_code != 0 and result.output == "Error: --text-chunk 0: must be at least 1\n"
+
+
 # -- none ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, text, value", [

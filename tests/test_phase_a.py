@@ -102,6 +102,112 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_backbone):
     assert max((a - b).abs().max().item() for a, b in zip(full, acc)) < 1e-5
 
 
+def step_gradients(towers, tokens, x, y, split) -> tuple[float, dict[str, torch.Tensor]]:
+    """One train_step from zero gradients: its loss and every parameter's gradient."""
+    towers.zero_grad(set_to_none=True)
+    loss = train_step(towers, tokens, list(zip(x.split(split), y.split(split))), 14.3)
+    return loss, {n: p.grad.clone() for n, p in towers.named_parameters() if p.grad is not None}
+
+
+def assert_same_gradients(got, ref) -> None:
+    """Each gradient to 1e-5 of its largest entry, or of 1e-3 of the largest anywhere when that is more: a
+    gradient that is zero in exact arithmetic (a key bias before softmax) is rounding noise on both sides."""
+    assert set(got) == set(ref)
+    floor = 1e-3 * max(g.abs().max().item() for g in ref.values())
+    worst = max(((got[n] - ref[n]).abs().max() / ref[n].abs().max().clamp(min=floor)).item() for n in ref)
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("split", [[8], [2, 2, 4]])
+def test_text_chunks_give_the_same_loss_and_gradients(tiny_backbone, split):
+    from pipeline.text import tokenize_trimmed
+
+    model, training = tiny_backbone.model, tiny_backbone.model.training
+    prompts = [f"a photo of a {a} {b}." for a in ("red", "striped", "small", "Quercus", "dark green", "tiny")
+               for b in ("fox", "agrifolia", "cat", "square")]  # 24 prompts of several lengths
+    tokens = tokenize_trimmed(tiny_backbone.tokenizer, prompts)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, len(prompts), (8,), generator=g)
+    towers = Towers(model)
+    set_batchnorm(towers, "frozen")
+    try:
+        ref_loss, ref = step_gradients(towers, tokens, x, y, split)
+        assert any(n.startswith("clip.visual.") for n in ref) and any(n.startswith("clip.transformer.") for n in ref)
+        assert all(ref[n].abs().max() > 0 for n in ref if not n.startswith("clip.visual."))
+        for chunk in (1, 3, 7, len(prompts)):
+            towers.text_chunk = chunk
+            loss, got = step_gradients(towers, tokens, x, y, split)
+            assert loss == pytest.approx(ref_loss, rel=1e-6)
+            assert_same_gradients(got, ref)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(training)
+
+
+@pytest.mark.parametrize("variant", ["grad-checkpointing", "frozen text tower"])
+def test_text_chunks_with_checkpointing_and_a_frozen_text_tower(variant):
+    from pipeline.models import create_model
+    from pipeline.peft import add_tuning, mark_trainable
+    from pipeline.text import tokenize_trimmed
+
+    torch.manual_seed(0)
+    bb = create_model("ballad-tiny-vit")
+    if variant == "grad-checkpointing":
+        bb.model.set_grad_checkpointing(True)
+    else:  # --tune bias: the text tower does not train, its chunks only bound the no-grad pass
+        add_tuning(bb.model, "bias", num_classes=10)
+        mark_trainable(bb.model, "bias", train_text=False)
+    tokens = tokenize_trimmed(bb.tokenizer, [f"a photo of a {c} {i}." for c in ("fox", "red oak") for i in range(5)])
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 10, (6,), generator=g)
+    towers = Towers(bb.model)
+    set_batchnorm(towers, "frozen")
+    ref_loss, ref = step_gradients(towers, tokens, x, y, [2, 4])
+    assert any(n.startswith("clip.transformer.") for n in ref) == (variant == "grad-checkpointing")
+    towers.text_chunk = 3
+    loss, got = step_gradients(towers, tokens, x, y, [2, 4])
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert_same_gradients(got, ref)
+
+
+def test_a_head_initialised_in_text_chunks_is_the_whole_one(tiny_backbone):
+    from pipeline.text import tokenize_trimmed
+    from stages.phase_a import text_head
+
+    prompts = [f"a photo of a {c} {i}." for c in ("fox", "oak") for i in range(5)]
+    tokens = tokenize_trimmed(tiny_backbone.tokenizer, prompts)
+    whole = text_head(tiny_backbone.model, tokens)
+    assert whole.shape[0] == 10 and (text_head(tiny_backbone.model, tokens, 3) - whole).abs().max() < 1e-6
+
+
+@pytest.mark.slow
+def test_a_run_in_text_chunks_ends_with_the_same_weights(small_data, tmp_path, single_thread):
+    # SGD at a modest lr with frozen BatchNorm statistics, so that rounding stays rounding: AdamW turns the noise
+    # of a gradient that is zero in exact arithmetic (the attention pool's key bias) into steps of size lr, and
+    # a random init trained fast in train mode amplifies 1e-7 into 1e-3 within 14 steps, chunks or not.
+    states, recipe = [], {**TINY, "optimizer": "sgd", "lr": 0.01, "batchnorm": "frozen"}
+    for chunk in (None, 7):  # 30 classes: chunks of 7, 7, 7, 7, 2
+        out = tmp_path / f"chunk{chunk}"
+        run_phase_a(PhaseAConfig(data=str(small_data), out=str(out), epochs=2, batch_size=16, micro_batch=8,
+                                 text_chunk=chunk, select="last", **recipe))
+        states.append(torch.load(out / "final.pt", weights_only=True))
+    (ref, got), start = states, create_model_state()
+    assert set(ref) == set(got)
+    worst = max(((ref[k].float() - got[k].float()).abs().max() / ref[k].float().abs().max().clamp(min=1e-3)).item()
+                for k in ref)
+    assert worst < 1e-5, worst
+    assert any(not torch.equal(ref[k], start[k]) for k in ref if k.startswith("transformer."))  # the text tower trained
+
+
+def create_model_state() -> dict[str, torch.Tensor]:
+    """ballad-tiny's weights as Phase A's run starts from them (seed 0, random init)."""
+    from pipeline.runtime import seed_everything
+    from pipeline.models import create_model
+
+    seed_everything(0)
+    return create_model("ballad-tiny").model.state_dict()
+
+
 def test_resumed_epoch_continues_the_same_sample_order(small_data, tiny_backbone):
     from stages.phase_a_data import train_batches
     from store.shards import load_dataset
@@ -203,21 +309,29 @@ def one_shard_dataset(src: Path, dst: Path, copies: int) -> Path:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_a_single_process_run(small_data, tmp_path):
+@pytest.mark.parametrize("chunks, sgd", [([], {}), (["--text-chunk", "7"], {"optimizer": "sgd", "lr": 0.01,
+                                                                               "batchnorm": "frozen"})],
+                         ids=["whole", "text-chunk"])
+def test_two_process_ddp_matches_a_single_process_run(small_data, tmp_path, chunks, sgd):
     # Rank r reads shard r. With two identical shards (and the same seed) both ranks draw the same samples and
     # crops, so DDP over 2 × 8 images must reproduce a single process taking 8 of them per step. Both select
     # the best epoch on val, which the main process alone evaluates while the other waits for the next step.
+    # With --text-chunk the DDP processes take the text tower's gradient in chunks of 7 of the 30 prompts, every
+    # chunk but the last outside the synchronising backward; the single process takes it whole. That run trains
+    # as test_a_run_in_text_chunks_ends_with_the_same_weights does, so that rounding stays rounding.
     twice, once = one_shard_dataset(small_data, tmp_path / "twice", 2), one_shard_dataset(small_data, tmp_path / "once", 1)
     recipe = ["--model", "ballad-tiny", "--epochs", "2", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay",
               "0.05", "--workers", "0", "--shuffle-buffer", "50"]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "pipeline.cli", "phase-a", "--data", str(twice), "--batch-size", "16", *recipe,
+                          "-m", "pipeline.cli", "phase-a", "--data", str(twice), "--batch-size", "16", *recipe, *chunks,
+                          *(f"--{k.replace('_', '-')}={v}" for k, v in sgd.items()),
                           "--out", str(tmp_path / "ddp")], env=cli_env(), capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, (ddp.stdout + ddp.stderr)[-3000:]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the torchrun processes, so both runs use the same kernels
     try:
-        run_phase_a(PhaseAConfig(data=str(once), out=str(tmp_path / "single"), epochs=2, batch_size=8, **TINY))
+        run_phase_a(PhaseAConfig(data=str(once), out=str(tmp_path / "single"), epochs=2, batch_size=8,
+                                 **{**TINY, **sgd}))
     finally:
         torch.set_num_threads(threads)
 
