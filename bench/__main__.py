@@ -19,7 +19,7 @@ from bench.check import TOLERANCE, verdicts
 os.environ.setdefault("BALLAD_PROGRESS", "0")  # no progress bars inside timed code
 
 BENCHES = ("phase_b_cached", "phase_b_imagenet", "sweep", "text_truncation", "text_chunks", "extract", "store_read", "scaling", "phase_b_views",
-           "max_side", "decode", "reports")
+           "max_side", "decode", "reports", "inat_scale")
 
 
 def main(argv=None) -> int:
