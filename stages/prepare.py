@@ -499,9 +499,10 @@ def _file_loader(path: Path, max_pixels: int):
     """A Spec's ``load`` for an image file: the file is decoded whole first (a ``BadImage`` otherwise), so a
     shard never holds an image the stages cannot read; then its bytes, or a PNG of it (KEPT_FORMATS)."""
     def load():
-        data, where = read_file(path), str(path)
-        ext = KEPT_FORMATS.get(open_image(data, where, max_pixels, mode=None).format)
-        return (ext, data) if ext else ("png", _png(np.asarray(open_image(data, where, max_pixels))))
+        data = read_file(path)
+        image = open_image(data, str(path), max_pixels, mode=None)  # decoded once, in the mode it is stored
+        ext = KEPT_FORMATS.get(image.format)
+        return (ext, data) if ext else ("png", _png(np.asarray(image.convert("RGB"))))
 
     return load
 
