@@ -48,7 +48,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "BALLAD_PRO
 
 
 def cli(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "cli", *args]
 
 
 def writing(out: Path) -> bool:

@@ -337,7 +337,7 @@ def run_case(reader: str, fx: Fixtures, case: Case, judge=None) -> list[str]:
     ``judge`` (default ``outcome``) finds them."""
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from cli import main
 
     with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
         work = Path(tmp)

@@ -9,10 +9,10 @@ DEST=${OUT:-bench/results}
 mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 W=$(mktemp -d)
-cli() { "$PY" -m pipeline.cli "$@"; }
+cli() { "$PY" -m cli "$@"; }
 {
   cli prepare synthetic --out "$W/data" --shard-size 250
-  "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m pipeline.cli phase-a --data "$W/data" \
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m cli phase-a --data "$W/data" \
     --model ballad-tiny --out "$W/ckpt" --epochs 20 --optimizer adamw --lr 2e-3 --weight-decay 0.05 \
     --batch-size 128 --workers 4 --eval-every 20 --eval-samples 600
   cli extract --ckpt "$W/ckpt/final.pt" --data "$W/data" --out "$W/phase_a.zarr" --workers 4

@@ -1,7 +1,7 @@
 """Settings that are also command-line options: one definition of each, shared by configs and the CLI.
 
 Torch-free and click-free, so the stages' config dataclasses (stages/adapter_config.py,
-stages/phase_a_config.py) import it and ``ballad-pipe --help`` stays fast. pipeline/cli/options.py
+stages/phase_a_config.py) import it and ``ballad-pipe --help`` stays fast. cli/options.py
 turns the fields made here into click options.
 
 - ``option``: a dataclass field whose metadata names its flag, help and choices (and, where the

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import stages.adapter as adapter_module
 from lt_features import make_lt_store
-from pipeline.cli import main
+from cli import main
 from pipeline.errors import UserError
 from stages.adapter import CosineCrossEntropy, TrainConfig, fit, load_adapter, train_adapter
 from stages.evaluate import evaluate

@@ -1,6 +1,7 @@
-"""The layers of docs/architecture.md, enforced: building blocks (pipeline/, store/) import no stage;
-stages use each other only through public names; the CLI imports stage modules lazily, inside its
-command functions, so `ballad-pipe --help` stays fast (torch-free config modules excepted)."""
+"""The layers of docs/architecture.md, enforced: building blocks (pipeline/, store/) import no stage and
+no CLI; stages import no CLI and use each other only through public names; the CLI (cli/, the top)
+imports stage modules lazily, inside its command functions, so `ballad-pipe --help` stays fast
+(torch-free config modules excepted). No exemptions: every arrow points down."""
 from __future__ import annotations
 
 import ast
@@ -26,12 +27,20 @@ def files(*folders: str):
         yield from sorted((ROOT / folder).rglob("*.py"))
 
 
-def test_building_blocks_import_no_stage():
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_building_blocks_import_no_stage_and_no_cli():
     for path in files("pipeline", "store"):
-        if "cli" in path.relative_to(ROOT).parts:
-            continue
-        bad = [m for m, _, _ in imports(path) if m == "stages" or m.startswith("stages.")]
-        assert not bad, f"{path.relative_to(ROOT)} imports {bad}: building blocks sit below the stages"
+        bad = [m for m, _, _ in imports(path) if _within(m, "stages") or _within(m, "cli")]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}: building blocks sit below the stages and the CLI"
+
+
+def test_stages_import_no_cli():
+    for path in files("stages"):
+        bad = [m for m, _, _ in imports(path) if _within(m, "cli")]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}: the CLI sits above the stages"
 
 
 def test_stages_use_each_other_only_through_public_names():
@@ -43,6 +52,6 @@ def test_stages_use_each_other_only_through_public_names():
 
 
 def test_cli_imports_stage_modules_lazily():
-    for path in files("pipeline/cli"):
+    for path in files("cli"):
         eager = [m for m, _, top in imports(path) if top and m.startswith("stages.") and not m.endswith("_config")]
         assert not eager, f"{path.relative_to(ROOT)} imports {eager} at module level"

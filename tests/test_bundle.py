@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
+from cli import main
 from pipeline.encode import text_embeddings
 from pipeline.errors import UserError
 from stages.adapter import TrainConfig, train_adapter

@@ -1,7 +1,7 @@
 """Every numeric option of every command refuses what no run can use (issue 22): NaN, ±inf, a negative
 count and 10^30, each in one line naming the option, before anything is read or written.
 
-The commands and their options are walked from the click tree (``pipeline.cli.main``, `prepare`'s
+The commands and their options are walked from the click tree (``cli.main``, `prepare`'s
 subcommands included), so an option added later is covered without an edit here. Every input and output
 a command requires is given as a path that does not exist: an error naming that path instead of the
 option means the option was checked too late, after a file was opened."""
@@ -13,7 +13,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from cli import main
 
 FLOATS = ("nan", "inf", "-inf")
 INTS = ("-1", str(10**30))  # every integer option here is a count, a size, a threshold or a seed: ≥ 0

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
+from cli import main
 from pipeline.errors import UserError
 from pipeline.models import build_transforms
 from pipeline.tensor_transforms import TensorTransform

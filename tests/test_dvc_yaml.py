@@ -15,7 +15,7 @@ import click
 import pytest
 import yaml
 
-from pipeline.cli import COMMANDS, main
+from cli import COMMANDS, main
 from pipeline.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

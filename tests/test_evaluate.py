@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from cli import main
 from pipeline.errors import UserError
 from stages.evaluate import (accuracy_bins, calibration_error, evaluate, plot_per_class, score, shot_accuracy,
                              write_per_class_csv, write_report)

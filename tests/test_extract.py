@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import store.features as features
-from pipeline.cli import main
+from cli import main
 from pipeline.encode import split_transform
 from pipeline.errors import UserError
 from pipeline.runtime import sha256_file
@@ -38,7 +38,7 @@ VIEW_ARGS = ["--train-views", "2", "--test-views", "five-crop"]
 CHILD = """
 import os, signal, sys
 import store.features as features
-from pipeline.cli import main
+from cli import main
 
 features.CHUNK_ROWS = {chunk_rows}
 if sys.argv[1] == "kill-staging":  # SIGKILL right after the second finished train shard

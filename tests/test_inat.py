@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
+from cli import main
 from pipeline.errors import UserError
 from store.shards import TAXONOMY_LEVELS, load_dataset
 

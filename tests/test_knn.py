@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from cli import main
 from pipeline.errors import UserError
 from stages.evaluate import evaluate
 from stages.knn import KnnConfig, cache_logits, neighbors, search

@@ -11,8 +11,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import COMMANDS, main
-from pipeline.cli.options import FLOAT_OR_NONE, INT_OR_NONE, TEXT_OR_NONE
+from cli import COMMANDS, main
+from cli.options import FLOAT_OR_NONE, INT_OR_NONE, TEXT_OR_NONE
 from pipeline.errors import UserError
 from pipeline.options import DEVICE, DEVICE_HELP, none_to_null
 from stages.adapter_config import TrainConfig
@@ -32,7 +32,7 @@ def options(cmd: click.Command) -> dict[str, click.Option]:
 def test_help_does_not_import_torch():
     code = (
         "import sys\n"
-        "from pipeline.cli import COMMANDS, main\n"
+        "from cli import COMMANDS, main\n"
         "for args in [['--help'], *[[name, '--help'] for name in COMMANDS]]:\n"
         "    try:\n"
         "        main(args, standalone_mode=False)\n"

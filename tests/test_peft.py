@@ -182,7 +182,7 @@ def config(data, out, **kw) -> PhaseAConfig:
 def test_resnet_towers_refuse_transformer_tunes_in_one_line(small_data, tmp_path, tune):  # noqa: F811
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from cli import main
 
     message = (f"--tune {tune}: needs transformer blocks in the image tower, and the model has a ResNet image "
                "tower; use --tune full or --tune bias")
@@ -203,7 +203,7 @@ def test_resnet_towers_refuse_transformer_tunes_in_one_line(small_data, tmp_path
 def test_new_options_are_checked_before_work_starts(small_data, tmp_path, args, message):  # noqa: F811
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from cli import main
 
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["phase-a", "--data", str(small_data), "--model", "ballad-tiny-vit",
@@ -217,8 +217,8 @@ def test_new_options_are_checked_before_work_starts(small_data, tmp_path, args, 
 def test_cli_choices_and_defaults_are_the_stages(monkeypatch):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
-    from pipeline.cli.phase_a import phase_a
+    from cli import main
+    from cli.phase_a import phase_a
     from pipeline.peft import TUNES
 
     params = {p.name: p for p in phase_a.params}

@@ -37,7 +37,7 @@ def read_log(out: Path) -> list[dict]:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "phase-a", *args]
+    return [sys.executable, "-m", "cli", "phase-a", *args]
 
 
 def cli_env() -> dict:
@@ -323,7 +323,7 @@ def test_two_process_ddp_matches_a_single_process_run(small_data, tmp_path, chun
     recipe = ["--model", "ballad-tiny", "--epochs", "2", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay",
               "0.05", "--workers", "0", "--shuffle-buffer", "50"]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "pipeline.cli", "phase-a", "--data", str(twice), "--batch-size", "16", *recipe, *chunks,
+                          "-m", "cli", "phase-a", "--data", str(twice), "--batch-size", "16", *recipe, *chunks,
                           *(f"--{k.replace('_', '-')}={v}" for k, v in sgd.items()),
                           "--out", str(tmp_path / "ddp")], env=cli_env(), capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, (ddp.stdout + ddp.stderr)[-3000:]
@@ -371,7 +371,7 @@ def rerecord_shards(data: Path) -> None:
 def test_bad_input_gives_one_line_errors(small_data, tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from cli import main
 
     def fails(match, data=small_data, **kw):
         cfg = PhaseAConfig(data=str(data), out=str(tmp_path / "out"),
@@ -443,7 +443,7 @@ def _hostile_copy(small_data, dst: Path, split: str, kind: str) -> tuple[Path, P
 def _phase_a_cli(data: Path, out: Path, *args: str):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from cli import main
 
     return CliRunner().invoke(main, ["phase-a", "--data", str(data), "--out", str(out), "--model", "ballad-tiny",
                                      "--optimizer", "adamw", "--lr", "1e-3", "--epochs", "1", "--schedule", "standard",

@@ -170,7 +170,7 @@ def test_a_run_in_which_no_epoch_trains_is_refused_and_two_epochs_run(small_data
     """Issue 22: `--epochs 1` on the authors' schedule ran its one epoch at lr 0 and reported success."""
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from cli import main
 
     out = tmp_path / "out"
     args = ["phase-a", "--data", str(small_data), "--model", "ballad-tiny", "--out", str(out), "--optimizer", "adamw",
@@ -308,7 +308,7 @@ def test_fp16_weights_train_in_fp16_without_a_master_copy(tiny_backbone):
 def test_workers_default_is_capped_at_the_usable_cores(monkeypatch, cores, expected):
     import click
 
-    from pipeline.cli.phase_a import phase_a
+    from cli.phase_a import phase_a
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert PhaseAConfig(data="d", model="m").workers == expected
@@ -343,7 +343,7 @@ def test_workers_default_is_capped_at_the_usable_cores(monkeypatch, cores, expec
 def test_every_option_is_checked_before_work_starts(small_data, tmp_path, args, message):  # noqa: F811
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from cli import main
 
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["phase-a", "--data", str(small_data), "--model", "ballad-tiny",

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
+from cli import main
 from pipeline.errors import UserError
 from pipeline.runtime import sha256_file
 from stages.prepare import cifar_lt_counts, prepare_cifar100_lt, prepare_lists, prepare_synthetic
@@ -249,7 +249,7 @@ def test_cifar_archive_that_holds_code_is_refused_and_never_run(tmp_path):
 
 @pytest.mark.slow  # three prepare subprocesses, one killed
 def test_interrupted_prepare_resumes_to_identical_shards(tmp_path):
-    args = [sys.executable, "-m", "pipeline.cli", "prepare", "synthetic", "--max-count", "300",
+    args = [sys.executable, "-m", "cli", "prepare", "synthetic", "--max-count", "300",
             "--shard-size", "50", "--test-per-class", "2", "--val-per-class", "1"]
     ref = tmp_path / "ref"
     subprocess.run(args + ["--out", str(ref)], check=True, capture_output=True)

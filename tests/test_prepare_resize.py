@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, JpegImagePlugin
 
-from pipeline.cli import main
+from cli import main
 from stages.prepare import JPEG_QUALITY, ORIENTATION
 from store.shards import load_dataset, read_shard
 from store.stream import decode_sample

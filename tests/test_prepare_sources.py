@@ -16,7 +16,7 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
+from cli import main
 from pipeline.errors import UserError
 from pipeline.runtime import sha256_file
 from stages.phase_a_data import check_shards

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
+from cli import main
 from pipeline.errors import UserError
 from stages import shapes
 from stages.pretrain import batch_indices, lr_at, render_corpus, run_pretrain, zero_shot_accuracy
@@ -202,7 +202,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
             "--workers", "0", "--save-every", "5"]
 
     def cli(out, *extra):
-        return [sys.executable, "-m", "pipeline.cli", "pretrain", "--out", str(out), *args, *extra]
+        return [sys.executable, "-m", "cli", "pretrain", "--out", str(out), *args, *extra]
 
     subprocess.run(cli(tmp_path / "whole"), env=env, check=True, capture_output=True)
     out = tmp_path / "killed"

@@ -22,7 +22,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from cli import main
 from pipeline.errors import UserError
 from pipeline.locks import exclusive_lock, lock_path
 from pipeline.runtime import sha256_file
@@ -218,7 +218,7 @@ def test_extract_killed_while_its_loader_workers_run_resumes_at_once(tiny_data, 
     store = tmp_path / "features.zarr"
     args = ["extract", "--ckpt", "none", "--model", "ballad-tiny", "--data", str(tiny_data), "--out", str(store),
             "--workers", "2", "--batch-size", "8", "--device", "cpu"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "BALLAD_PROGRESS": "0"})
     workers = []
     try:
@@ -598,7 +598,7 @@ def test_verify_refuses_what_it_cannot_check(tmp_path, name, error, rest):
 def test_prepare_killed_at_random_moments_resumes_to_the_uninterrupted_output(tmp_path):
     """SIGKILL at seeded random moments of a run, then a rerun: shards and dataset.json byte for byte as an
     uninterrupted run's. bench/faults.py runs many more trials, and extract and adapter too."""
-    args = [sys.executable, "-m", "pipeline.cli", *PREPARE]
+    args = [sys.executable, "-m", "cli", *PREPARE]
     env = {**os.environ, "BALLAD_PROGRESS": "0"}
     started = time.monotonic()
     subprocess.run(args + ["--out", str(tmp_path / "ref")], check=True, capture_output=True, cwd=ROOT, env=env)

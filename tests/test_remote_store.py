@@ -18,7 +18,7 @@ import zarr
 from click.testing import CliRunner
 
 import store.features as features
-from pipeline.cli import main
+from cli import main
 from pipeline.errors import UserError
 from stages.extract import extract
 from stages.prepare import prepare_synthetic

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from cli import main
 from pipeline.errors import UserError
 from store import trust
 from store.shards import load_dataset

@@ -1,7 +1,7 @@
 """`ballad-pipe prepare {synthetic,list,folder,cifar100-lt,index}`: datasets → webdataset shards + dataset.json."""
 import click
 
-from pipeline.cli.options import FLOAT_OR_NONE
+from cli.options import FLOAT_OR_NONE
 from pipeline.images import MAX_PIXELS, MAX_PIXELS_HELP, SKIP_BAD_HELP
 
 shard_size = click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")

@@ -1,7 +1,7 @@
 """`ballad-pipe export` and `predict`: a self-contained bundle, and top-k classes of image files with it."""
 import click
 
-from pipeline.cli.options import TEXT_OR_NONE, device
+from cli.options import TEXT_OR_NONE, device
 from pipeline.images import MAX_PIXELS, MAX_PIXELS_HELP, SKIP_BAD_HINT
 
 

@@ -15,18 +15,18 @@ from pipeline.errors import UserError
 
 # name -> "module:attribute"; one module per command keeps option parsing next to nothing else.
 COMMANDS = {
-    "prepare": "pipeline.cli.prepare:prepare",
-    "pretrain": "pipeline.cli.pretrain:pretrain",
-    "phase-a": "pipeline.cli.phase_a:phase_a",
-    "extract": "pipeline.cli.extract:extract",
-    "adapter": "pipeline.cli.adapter:adapter",
-    "evaluate": "pipeline.cli.evaluate:evaluate",
-    "sweep": "pipeline.cli.evaluate:sweep",
-    "neighbors": "pipeline.cli.evaluate:neighbors",
-    "report": "pipeline.cli.report:report",
-    "export": "pipeline.cli.bundle:export",
-    "predict": "pipeline.cli.bundle:predict",
-    "verify": "pipeline.cli.verify:verify",
+    "prepare": "cli.prepare:prepare",
+    "pretrain": "cli.pretrain:pretrain",
+    "phase-a": "cli.phase_a:phase_a",
+    "extract": "cli.extract:extract",
+    "adapter": "cli.adapter:adapter",
+    "evaluate": "cli.evaluate:evaluate",
+    "sweep": "cli.evaluate:sweep",
+    "neighbors": "cli.evaluate:neighbors",
+    "report": "cli.report:report",
+    "export": "cli.bundle:export",
+    "predict": "cli.bundle:predict",
+    "verify": "cli.verify:verify",
 }
 
 # OS errors the user fixes outside the pipeline (space, permissions): one line naming the path, as a
@@ -81,5 +81,5 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
-def run() -> None:  # pragma: no cover - entry for `python -m pipeline.cli`
+def run() -> None:  # pragma: no cover - entry for `python -m cli`
     main(prog_name="ballad-pipe", args=sys.argv[1:])

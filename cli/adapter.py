@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import click
 
-from pipeline.cli.options import config_options, device
+from cli.options import config_options, device
 from stages.adapter_config import TrainConfig
 
 features = click.option("--features", required=True, type=click.Path(), help="Feature store (`ballad-pipe extract`).")

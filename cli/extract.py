@@ -5,7 +5,7 @@ their flags, defaults, choices and help, and whose ``check`` refuses a bad value
 """
 import click
 
-from pipeline.cli.options import config_options
+from cli.options import config_options
 from stages.extract_config import ExtractConfig
 
 

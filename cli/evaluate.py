@@ -1,8 +1,8 @@
 """`ballad-pipe evaluate`, `sweep` and `neighbors`: scoring from the feature store."""
 import click
 
-from pipeline.cli.adapter import features, train_options
-from pipeline.cli.options import TEXT_OR_NONE, device
+from cli.adapter import features, train_options
+from cli.options import TEXT_OR_NONE, device
 from pipeline.shots import FEW, MANY
 
 adapter_opt = click.option("--adapter", default="none", show_default=True, type=TEXT_OR_NONE,

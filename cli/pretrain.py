@@ -5,7 +5,7 @@ hold their flags, defaults and help, and whose ``check`` refuses a bad value bef
 """
 import click
 
-from pipeline.cli.options import config_options
+from cli.options import config_options
 from stages.pretrain_config import PretrainConfig
 
 
