@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-fast install bench deps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench --quick
+
+# dvc.yaml's code deps: each stage's exactly the project files its command runs (cli/deps.py); after
+# moving, adding or importing a module. tests/test_dvc_yaml.py says when it is due.
+deps: $(STAMP)
+	$(BIN)/python -m cli.deps --write
 
 clean:
 	rm -rf data checkpoints features models reports .dvc/cache .dvc/tmp

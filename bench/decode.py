@@ -30,7 +30,7 @@ from bench.extract import decoded_batches, encode_all, extract_once, jpeg, make_
 from pipeline.models import create_model
 from pipeline.text import class_prompts, tokenize_trimmed
 from stages.phase_a import Towers, train_step
-from stages.phase_a_data import train_batches
+from stages.phase_a.data import train_batches
 
 SIZES = {
     "quick": {"images": 32, "shard_size": 16, "workers": 2, "batch": 16, "models": ("ballad-tiny", "ballad-tiny-vit"),

@@ -26,9 +26,9 @@ from bench.common import check, print_table, sizes, time_many
 from pipeline.images import MAX_PIXELS
 from pipeline.models import create_model
 from pipeline.runtime import autocast
-from stages.extract import run_shards
-from stages.extract_data import WorkerPixels, make_loader
-from stages.prepare import Spec, write_dataset
+from stages.extract.run import run_shards
+from stages.extract.data import WorkerPixels, make_loader
+from stages.prepare.writer import Spec, write_dataset
 from store.features import FORMAT, SplitWriter, create_store
 from store.shards import load_dataset
 

@@ -59,15 +59,15 @@ def build(root: Path) -> Fixtures:
     from PIL import Image
 
     from stages.adapter import train_adapter
-    from stages.adapter_config import TrainConfig
+    from stages.adapter.train_config import TrainConfig
     from stages.bundle import export
-    from stages.extract import extract
+    from stages.extract.run import extract
     from stages.phase_a import run_phase_a
-    from stages.phase_a_config import PhaseAConfig
-    from stages.prepare import prepare_synthetic
+    from stages.phase_a.config import PhaseAConfig
+    from stages.prepare.synthetic import SyntheticConfig, prepare_synthetic
 
-    data = prepare_synthetic(root / "data", max_count=4, imbalance=4, test_per_class=1, val_per_class=1,
-                             shard_size=40)
+    data = prepare_synthetic(SyntheticConfig(out=str(root / "data"), max_count=4, imbalance=4, test_per_class=1,
+                                            val_per_class=1, shard_size=40))
     ckpt = root / "phase_a"
     final = run_phase_a(PhaseAConfig(data=str(data), model="ballad-tiny", out=str(ckpt), epochs=1, batch_size=16,
                                      optimizer="adamw", lr=1e-3, schedule="standard", workers=0, eval_every=0,

@@ -100,7 +100,7 @@ def one(item: str, dim: int, fraction: float, device: str) -> dict:
     counts = scaled_counts(fraction)
     out = {"item": item, "D": dim, "K": K, "fraction": fraction, "N": int(counts.sum())}
     if item == "sampler":
-        from stages.samplers import EpochSampler
+        from stages.adapter.samplers import EpochSampler
 
         labels = torch.from_numpy(np.repeat(np.arange(K), counts))
         base = _reset_peak()
@@ -113,7 +113,7 @@ def one(item: str, dim: int, fraction: float, device: str) -> dict:
                 "input_mb": labels.numel() * 8 / 2**20, "base_mb": base, "peak_mb": _peak_mb()}
     if item == "evaluate":
         from stages.adapter import Adapter, embed_all
-        from stages.evaluate import adapter_logits, score
+        from stages.evaluate.score import adapter_logits, score
 
         feats, labels = data.features(np.full(K, TEST_PER_CLASS), dim, split=1)
         text = data.text_embeddings(K, dim)
@@ -173,7 +173,7 @@ def one(item: str, dim: int, fraction: float, device: str) -> dict:
                 "input_mb": feats.numel() * 4 / 2**20, "base_mb": base, "peak_mb": _peak_mb()}
     if item == "sweep":
         from stages.adapter import TrainConfig
-        from stages.sweep import sweep
+        from stages.evaluate.sweep import sweep
 
         test = data.features(np.full(K, TEST_PER_CLASS), dim, split=1)
         with tempfile.TemporaryDirectory(dir=".") as tmp:
@@ -187,7 +187,7 @@ def one(item: str, dim: int, fraction: float, device: str) -> dict:
         return {**out, "s": wall, "lambdas": 1, "epochs": 1, "input_mb": input_mb, "base_mb": base,
                 "peak_mb": _peak_mb()}
     if item == "knn":
-        from stages.knn import cache_logits, search
+        from stages.evaluate.knn import cache_logits, search
 
         db = torch.nn.functional.normalize(train[0].float(), dim=1)
         labels = train[1]

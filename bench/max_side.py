@@ -23,7 +23,7 @@ MODEL = "RN50"
 
 def _shards(out: Path, originals: list[bytes], side: int | None) -> tuple[list[dict], float]:
     """The images as stored with --max-side ``side``, as webdataset sample dicts, and seconds to write them."""
-    from stages.prepare import Shrink, Spec, write_dataset
+    from stages.prepare.writer import Shrink, Spec, write_dataset
     from store.shards import load_dataset, read_shard
 
     specs = [Spec(f"img_{i:05d}", i % 10, lambda b=b: ("jpg", b)) for i, b in enumerate(originals)]

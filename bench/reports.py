@@ -25,7 +25,7 @@ REPEAT = 3
 
 def synthetic_result(k: int = K, per_class: int = PER_CLASS, seed: int = 0):
     """(result dict as ``score`` returns it, train counts, keys, labels): accuracy rising with log train count."""
-    from stages.evaluate import score
+    from stages.evaluate.score import score
 
     import torch
 

@@ -15,7 +15,7 @@ from bench.common import print_table, sizes, time_many
 from bench.phase_b_cached import SCALE
 from bench.phase_b_imagenet import step_flops
 from stages.adapter import TrainConfig, fit
-from stages.knn import search
+from stages.evaluate.knn import search
 
 D, K_FIXED, TOPK = 1024, 1000, 10
 SIZES = {

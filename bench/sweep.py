@@ -19,7 +19,7 @@ from bench.common import check, print_table, sizes
 from bench.phase_b_cached import epoch_times
 from pipeline.models import create_model
 from stages.adapter import TrainConfig
-from stages.sweep import sweep
+from stages.evaluate.sweep import sweep
 
 LAMBDAS = [i / 10 for i in range(11)]
 EPOCHS = 10

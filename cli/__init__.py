@@ -45,6 +45,9 @@ def os_error_message(e: OSError) -> str:
 
 
 class LazyGroup(click.Group):
+    """Imports a command's module only when it runs; inside a project (dvc.yaml + params.yaml here) an
+    incomplete command takes what it leaves out from the stage that runs it (cli/project.py)."""
+
     def list_commands(self, ctx):
         return sorted(name for name in COMMANDS if self._importable(name))
 
@@ -59,6 +62,16 @@ class LazyGroup(click.Group):
     def _importable(name):
         module = COMMANDS[name].split(":")[0]
         return importlib.util.find_spec(module) is not None
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not ctx.resilient_parsing:
+            from cli.project import project_defaults
+
+            defaults = project_defaults(ctx, name, command, rest)
+            if defaults is not None:
+                ctx.default_map = defaults
+        return name, command, rest
 
     def invoke(self, ctx):
         try:

@@ -1,12 +1,12 @@
 """`ballad-pipe extract`: a frozen CLIP → the zarr feature store (see docs/feature-store.md).
 
-The options are built from ``ExtractConfig``'s fields (stages/extract_config.py, torch-free), which hold
+The options are built from ``ExtractConfig``'s fields (stages/extract/config.py, torch-free), which hold
 their flags, defaults, choices and help, and whose ``check`` refuses a bad value before work starts.
 """
 import click
 
 from cli.options import config_options
-from stages.extract_config import ExtractConfig
+from stages.extract.config import ExtractConfig
 
 
 @click.command()
@@ -17,7 +17,7 @@ def extract(**options):
     Re-running the same command finishes an interrupted run; under torchrun each rank extracts its
     own range of shards into the same store.
     """
-    from stages.extract import extract as run
+    from stages.extract.run import extract as run
 
     out = options["out"]
     done = run(options.pop("ckpt"), options.pop("data"), options.pop("out"), **options)

@@ -48,6 +48,12 @@ def field_option(f: Field):
     """The click option of the dataclass field ``f`` (see pipeline.options.option), passed as ``f.name``."""
     meta = f.metadata
     flag, help = meta["flag"], meta["help"]
+    if meta.get("multiple") or meta.get("as_typed"):
+        # repeated (its values a tuple), or a text passed as typed (``''`` and ``none`` are values, checked
+        # by the config as such, not "no value")
+        required = f.default is MISSING
+        return click.option(flag, f.name, multiple=meta.get("multiple", False), required=required,
+                            default=None if required else f.default, metavar=meta.get("metavar"), help=help)
     if isinstance(f.default, bool):
         return click.option(flag, f.name, is_flag=True, default=f.default, help=help)
     kind = PATHS[meta["path"]] if meta.get("path") else meta.get("kind")
@@ -64,12 +70,16 @@ def field_option(f: Field):
 
 
 def config_options(config, names=None):
-    """A decorator adding the options of ``config``'s fields (``names``, default all), in field order."""
+    """A decorator adding the options of ``config``'s fields (``names``, default all), in field order.
+
+    The callback keeps ``config`` as ``__config__``: tests/test_cli_configs.py walks every command and
+    finds each option's field there, so no option exists outside its command's config."""
     chosen = [f for f in fields(config) if names is None or f.name in names]
 
     def decorate(command):
         for f in reversed(chosen):
             command = field_option(f)(command)
+        command.__config__ = config
         return command
 
     return decorate

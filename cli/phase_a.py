@@ -1,12 +1,12 @@
-"""`ballad-pipe phase-a`: finetune both CLIP encoders on the long-tailed train split (stages/phase_a.py).
+"""`ballad-pipe phase-a`: finetune both CLIP encoders on the long-tailed train split (stages/phase_a/).
 
-The options are built from ``PhaseAConfig``'s fields (stages/phase_a_config.py, torch-free), which hold
+The options are built from ``PhaseAConfig``'s fields (stages/phase_a/config.py, torch-free), which hold
 their flags, defaults, choices and help, and whose ``check`` refuses a bad value before work starts.
 """
 import click
 
 from cli.options import config_options
-from stages.phase_a_config import PhaseAConfig
+from stages.phase_a.config import PhaseAConfig
 
 
 @click.command(name="phase-a")

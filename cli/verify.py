@@ -1,9 +1,13 @@
 """`ballad-pipe verify PATH`: a dataset, feature store, Phase A checkpoint directory or bundle, end to end."""
 import click
 
+from cli.options import config_options
+from stages.verify_config import VerifyConfig
+
 
 @click.command()
 @click.argument("path", type=click.Path())
+@config_options(VerifyConfig, names=())
 def verify(path):
     """Read every byte of PATH and check it against its own records (sha256, checksums, counts).
 
@@ -14,7 +18,8 @@ def verify(path):
     from pipeline.errors import UserError
     from stages.verify import verify as run
 
-    kind, findings = run(path)
+    cfg = VerifyConfig(path)
+    kind, findings = run(cfg.path)
     click.echo(f"{path}: {kind}")
     failed = 0
     for finding in findings:

@@ -8,7 +8,7 @@ ViT, for Phase A's lightweight ``--tune`` variants, which need transformer block
 open_clip tag (``openai``, ``laion2b_s34b_b79k``: downloaded on first use, so only on machines with
 network), a local checkpoint path (our ``final.pt`` or any open_clip state dict), or None for random
 init. A Phase A checkpoint may carry AdaptFormer branches (rebuilt before loading) and a trained
-classifier head (``Backbone.head``); see pipeline/peft.py. Nothing else in the project calls
+classifier head (``Backbone.head``); see pipeline/tuning.py and peft.py. Nothing else in the project calls
 open_clip's factory.
 """
 from __future__ import annotations
@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.errors import UserError
+from pipeline.transforms import CLIP_MEAN, CLIP_STD, COLOR_JITTER, build_transforms
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-COLOR_JITTER = 0.4  # the authors' ColorJitter(brightness, contrast, saturation = 0.4, hue = 0)
 
 
 @dataclass
@@ -113,27 +111,6 @@ def image_tower(name: str) -> str:
     return "transformer"
 
 
-def build_transforms(image_size: int, mean=CLIP_MEAN, std=CLIP_STD, color_jitter: float = COLOR_JITTER):
-    """The authors' transforms. Training: RandomResizedCrop(scale 0.5–1, bicubic), horizontal flip, then
-    ColorJitter(b, b, b, 0) with b = ``color_jitter`` (0 leaves it out); evaluation: Resize + CenterCrop.
-    Both convert to RGB (the authors' loader does so on reading) and end in ToTensor + CLIP's Normalize."""
-    from torchvision import transforms as T
-
-    bicubic = T.InterpolationMode.BICUBIC
-    to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
-    jitter = [T.ColorJitter(color_jitter, color_jitter, color_jitter, 0)] if color_jitter else []
-    train = T.Compose([T.Lambda(to_rgb), T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bicubic),
-                       T.RandomHorizontalFlip(), *jitter, *to_tensor])
-    evaluate = T.Compose([T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size), T.Lambda(to_rgb),
-                          *to_tensor])
-    return train, evaluate
-
-
-def to_rgb(img):
-    """The PIL image in RGB (pipeline/tensor_transforms.py skips this step: its decoded tensors are RGB)."""
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
 def _image_size(model) -> int:
     size = getattr(model.visual, "image_size", None)
     if isinstance(size, (tuple, list)):
@@ -188,12 +165,14 @@ def load_checkpoint(model, path: str, name: str):
     A checkpoint is untrusted input: ``weights_only=True`` refuses pickled code, and safetensors files
     hold no code at all. Accepts our ``final.pt``, a bundle's ``model.safetensors``, open_clip state dicts
     and ``{"state_dict": …}`` wrappers (DDP ``module.`` prefixes are stripped). A checkpoint trained with
-    ``--tune adaptformer`` holds the branches' tensors: the branches are added to ``model`` first, with
-    the width those tensors have (LoRA is merged into the weights, so it needs nothing).
+    a ``--tune`` method that is not merged into the weights holds its modules' tensors: each registered
+    method (pipeline/tuning.py) rebuilds its modules in ``model`` first (AdaptFormer's branches, with
+    the width those tensors have; LoRA is merged, so it needs nothing).
     """
     import torch
 
-    from pipeline.peft import HEAD_KEY, add_adaptformer, adaptformer_width, has_image_blocks
+    from pipeline.peft import HEAD_KEY
+    from pipeline.tuning import REGISTRY
 
     try:
         if str(path).endswith(".safetensors"):  # a bundle's model.safetensors (stages/bundle.py)
@@ -210,9 +189,8 @@ def load_checkpoint(model, path: str, name: str):
         raise UserError(f"{path}: expected a state dict, found {type(sd).__name__}")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     head = sd.pop(HEAD_KEY, None)
-    width = adaptformer_width(sd)
-    if width is not None and has_image_blocks(model):  # else the check below names the extra tensors
-        add_adaptformer(model, width)
+    for method in REGISTRY.values():  # modules that final.pt holds unmerged (AdaptFormer's branches)
+        method.rebuild(model, sd)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

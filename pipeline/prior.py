@@ -1,8 +1,7 @@
-"""The train class prior of logit adjustment (Menon et al. 2021; LIFT trains with it, τ = 1).
+"""The log of the train class prior: logit adjustment (Menon et al. 2021; LIFT trains with it, τ = 1).
 
-One definition for Phase A (``phase-a --loss logit-adjusted``, stages/phase_a.py) and Phase B
-(``adapter --loss logit-adjusted``, stages/adapter.py): the training logits become
-logits + τ · log_prior(train class counts); evaluation uses the plain logits.
+One definition for the training losses that shift the logits by it (pipeline/losses.py: logit-adjusted,
+balanced-softmax, LADE; Phase A and Phase B alike) and for evaluate's post-hoc ``--logit-adjust``.
 """
 from __future__ import annotations
 

@@ -1,19 +1,22 @@
-"""The authors' torchvision transforms (pipeline/models.py) replayed on decoded image tensors, on any device.
+"""Every recipe's torchvision transforms (pipeline/transforms.py) replayed on decoded image tensors, on any device.
 
 With ``--decode gpu`` (store/stream.py) the loader workers neither decode nor transform: a worker reads
 a sample's compressed bytes and its size from the image header, and ``TensorTransform.draw`` draws the
-transform's random parameters there, with torchvision's own ``get_params`` calls, in the order the PIL
-transform makes them, from the same generator (the worker's torch generator, seeded as for the CPU
-path; extract's train views seed it per view). A sample therefore gets the same crop box, flip and
-colour-jitter factors and order on either path. The main process decodes the batch on the GPU
-(nvJPEG) and ``TensorTransform.__call__`` applies those parameters there: resizing and cropping per
-image (the decoded images differ in size), then flip, jitter and normalisation once for the stacked
-batch. Nothing here is CUDA-specific, so the tests run it on CPU tensors.
+transform's random parameters there, with the steps' own ``get_params`` calls (torchvision's, or
+``SquareRandomResizedCrop``'s), in the order the PIL transform makes them, from the same generator
+(the worker's torch generator, seeded as for the CPU path; extract's train views seed it per view). A
+sample therefore gets the same crop box, flip and colour-jitter factors and order on either path. The
+main process decodes the batch on the GPU (nvJPEG) and ``TensorTransform.__call__`` applies those
+parameters there: resizing and cropping per image (the decoded images differ in size), then flip, jitter
+and normalisation once for the stacked batch. Nothing here is CUDA-specific, so the tests run it on CPU tensors.
 
 Where the pixels depart from the PIL path (docs/fidelity.md), the drawn parameters being equal:
-- resizing is torch's antialiased bicubic, the same a = −0.5 kernel as PIL's, computed in float and
-  rounded to uint8 as PIL's output is: within 1/255 of PIL's, 0.17/255 on average (measured on
-  photo-like JPEGs, tests/test_tensor_transforms.py);
+- resizing is torch's antialiased bicubic (the same a = −0.5 kernel as PIL's) or bilinear (the same
+  triangle), computed in float and rounded to uint8 as PIL's output is: within 1/255 of PIL's for the
+  eval transforms and bilinear random crops, 0.2/255 on average (measured on photo-like JPEGs,
+  tests/test_tensor_transforms.py); bicubic random crops, which enlarge more (PIL keeps uint8 between
+  its horizontal and vertical passes, where the kernel's overshoot is clipped), within 3/255 at a few
+  pixels;
 - colour jitter runs on float [0, 1] images with torchvision's tensor formulas (grey = 0.2989 R +
   0.587 G + 0.114 B, no rounding between the steps), where PIL rounds to uint8 after each step and
   uses its integer grey: with the same draws, within 6/255 of PIL's, 1.5/255 on average;
@@ -25,14 +28,15 @@ import torch
 from torchvision.transforms import functional as F
 from torchvision.transforms import transforms as T
 
-from pipeline.models import to_rgb
+from pipeline.transforms import SquareRandomResizedCrop, to_rgb
 
-GEOMETRY = (T.RandomResizedCrop, T.Resize, T.CenterCrop)
-RANDOM = (T.RandomResizedCrop, T.RandomHorizontalFlip, T.ColorJitter)
+CROPS = (T.RandomResizedCrop, SquareRandomResizedCrop)  # random boxes, then resized: F.resized_crop
+GEOMETRY = (*CROPS, T.Resize, T.CenterCrop)
+RANDOM = (*CROPS, T.RandomHorizontalFlip, T.ColorJitter)
 
 
 class TensorTransform:
-    """A torchvision ``Compose`` of the steps pipeline/models.py builds, split into ``draw`` (per image,
+    """A torchvision ``Compose`` of the steps pipeline/transforms.py builds, split into ``draw`` (per image,
     from its size, where the CPU path would run the transform) and ``__call__`` (the pixel work on a
     batch of decoded images). Refuses, with a ValueError naming the step, what it has no tensor version of.
     """
@@ -45,7 +49,7 @@ class TensorTransform:
             if isinstance(step, GEOMETRY):
                 if self.batched:
                     raise ValueError(f"no tensor version of {step!r} after {self.batched[-1]!r}")
-                if isinstance(step, T.RandomResizedCrop) and self.geometry:
+                if isinstance(step, CROPS) and self.geometry:
                     raise ValueError(f"no tensor version of {step!r} after {self.geometry[-1]!r}")
                 self.geometry.append(step)
             elif isinstance(step, (T.RandomHorizontalFlip, T.ToTensor, T.Normalize)) or \
@@ -64,7 +68,9 @@ class TensorTransform:
         width, height = size
         params = []
         for step in self.random:
-            if isinstance(step, T.RandomResizedCrop):
+            if isinstance(step, SquareRandomResizedCrop):
+                params.append(step.get_params(height, width))
+            elif isinstance(step, T.RandomResizedCrop):
                 # get_params reads only the shape: a zero-stride stand-in of the image's size
                 shape = torch.empty((), dtype=torch.uint8).expand(height, width)
                 params.append(tuple(T.RandomResizedCrop.get_params(shape, step.scale, step.ratio)))
@@ -83,7 +89,7 @@ class TensorTransform:
         out = []
         for img, p in zip(images, params):
             for step in self.geometry:
-                if isinstance(step, T.RandomResizedCrop):
+                if isinstance(step, CROPS):
                     img = F.resized_crop(img, *p[0], step.size, step.interpolation, antialias=step.antialias)
                 elif isinstance(step, T.Resize):
                     img = F.resize(img, step.size, step.interpolation, step.max_size, step.antialias)

@@ -7,7 +7,8 @@ test-time ones (stages/bundle.py). Torch is imported only where a view is made, 
   which a one-feature cache would drop; the store keeps V draws of the train transform per image
   instead (docs/fidelity.md). View v of sample ``key`` is drawn after seeding torch with
   ``view_rng_seed(seed, key, v)``, so it is the same whichever process, run or resume computes it.
-- Test-time views (``tta_views``): LIFT's resize to s + round(24 s / 224), then crops.
+- Test-time views (``tta_views``): LIFT's resize (its size per eval recipe, pipeline/transforms.py
+  ``EVAL_TRANSFORMS``), then crops.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import hashlib
 from typing import Callable
 
 from pipeline.errors import UserError
+from pipeline.transforms import EVAL_TRANSFORMS, check_choice
 
 TEST_VIEWS = {"none": 0, "flip": 2, "five-crop": 5, "ten-crop": 10}  # mode -> views per image
 
 
 def check_test_views(mode: str, option: str) -> None:
-    if mode not in TEST_VIEWS:
-        raise UserError(f"{option} {mode}: choose one of {', '.join(TEST_VIEWS)}")
+    check_choice(mode, TEST_VIEWS, option)
 
 
 def view_rng_seed(seed: int, key: str, view: int) -> int:
@@ -88,14 +89,16 @@ class TtaViews:
         return torch.stack([self.finish(c) for c in self.crops(img)])
 
 
-def tta_views(transform, mode: str) -> TtaViews:
-    """The test-time views of ``mode`` built from an eval ``transform`` (Resize, CenterCrop(s), then the rest).
+def tta_views(transform, mode: str, recipe: str = "ballad") -> TtaViews:
+    """The test-time views of ``mode`` built from an eval ``transform`` (Resize, CenterCrop(s), then the rest)
+    of the eval recipe ``recipe`` (pipeline/transforms.py ``EVAL_TRANSFORMS``).
 
-    As LIFT's test-time ensembling: resize the shorter side to s + round(24 s / 224) (LIFT: 224 + 24)
-    with the eval transform's interpolation, then `five-crop` = the four corner crops and the centre
-    crop of s × s, `ten-crop` = those and their mirror images, `flip` (ours) = the centre crop and its
-    mirror image. The steps after the CenterCrop finish every view. LIFT resizes bilinearly; we keep
-    the eval transform's bicubic.
+    As LIFT's test-time ensembling: resize the shorter side to the recipe's size (``lift``, ``lift-plus``:
+    s + 24; ``ballad``: s + round(24 s / 224), 248 at 224 alike) with the eval transform's interpolation
+    (``lift``: bilinear as LIFT's; ``lift-plus`` and ``ballad``: bicubic), then `five-crop` = the four
+    corner crops and the centre crop of s × s (LIFT's and LIFT+'s), `ten-crop` = those and their mirror
+    images, `flip` (ours) = the centre crop and its mirror image. The steps after the CenterCrop finish
+    every view.
     """
     from torchvision import transforms as T
 
@@ -107,6 +110,7 @@ def tta_views(transform, mode: str) -> TtaViews:
         raise UserError(f"test-time views ({mode}) need an eval transform with Resize and CenterCrop, got {transform}")
     resize, at = steps[kinds.index(T.Resize)], kinds.index(T.CenterCrop)
     size = tuple(steps[at].size)
-    bigger = T.Resize(size[0] + round(size[0] * 24 / 224), interpolation=resize.interpolation,
+    check_choice(recipe, EVAL_TRANSFORMS, "--eval-transform")
+    bigger = T.Resize(EVAL_TRANSFORMS[recipe].tta_resize(size[0]), interpolation=resize.interpolation,
                       antialias=resize.antialias)
     return TtaViews(mode, bigger, size, T.Compose(steps[at + 1:]))

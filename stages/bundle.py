@@ -15,10 +15,10 @@ parts that do not belong together: the checkpoint must be the one the store was 
 checkpoint, class list, embed dim). Loading checks each tensor file against bundle.json's sha256.
 
 Predictions run through the functions extraction and evaluation use (pipeline.encode.image_features,
-stages.adapter.embed_all, stages.evaluate.adapter_logits), with features rounded to the store's dtype,
+stages.adapter.embed_all, stages.evaluate.score.adapter_logits), with features rounded to the store's dtype,
 so a bundle predicts on the test images what `evaluate` reports. ``tta`` (`predict --tta MODE`) builds
 the test-time views of `extract --test-views MODE` with the same function (pipeline.views.tta_views)
-and averages their logits as `evaluate --tta mean` does (stages.evaluate.view_logits).
+and averages their logits as `evaluate --tta mean` does (stages.evaluate.score.view_logits).
 """
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.images import MAX_PIXELS, BadImage, open_image, read_file
-from pipeline.options import check_int, none_to_null
+from pipeline.options import none_to_null
 from pipeline.runtime import pick_device, sha256_file
 from pipeline.validate import SHA256, TEXT, Field, check
-from stages.adapter_config import FORMS, POSITIONS
+from stages.adapter.train_config import FORMS, POSITIONS
+from stages.bundle_config import PredictConfig
 from store.features import DTYPES, LOGIT_SCALE, MAYBE_TEXT, TEMPLATES
 
 FORMAT = "ballad-bundle/1"
@@ -221,7 +222,7 @@ class Bundle:
         from pipeline.encode import image_features, split_transform, view_features
         from pipeline.views import tta_views
         from stages.adapter import embed_all
-        from stages.evaluate import adapter_logits, view_logits
+        from stages.evaluate.score import adapter_logits, view_logits
 
         model = self.backbone.model.eval()
         with torch.inference_mode():
@@ -237,23 +238,13 @@ class Bundle:
 
     def predict(self, images, top_k: int = 5, batch_size: int = 64, tta: str = "none") -> list[list[tuple[str, float]]]:
         """Per image, the ``top_k`` (class name, probability) pairs, best first (``tta``: see ``logits``)."""
-        check_predict_options(top_k, batch_size, tta)
+        PredictConfig(bundle=str(self.path), top_k=top_k, batch_size=batch_size, tta=tta).check()
         images, out = list(images), []
         for i in range(0, len(images), batch_size):
             probs = self.logits(images[i:i + batch_size], tta).float().softmax(dim=1)
             p, c = probs.topk(min(top_k, probs.shape[1]), dim=1)
             out += [[(self.classnames[j], float(q)) for j, q in zip(cs, ps)] for cs, ps in zip(c.tolist(), p.tolist())]
         return out
-
-
-def check_predict_options(top_k: int, batch_size: int, tta: str) -> None:
-    """`predict`'s options in range: a one-line UserError naming the first that is not. The command checks
-    them before it reads any file, ``Bundle.predict`` for its Python callers."""
-    from pipeline.views import check_test_views
-
-    check_int("--top-k", top_k, 1)
-    check_int("--batch-size", batch_size, 1)
-    check_test_views(tta, "--tta")
 
 
 def read_meta(path: Path) -> dict:

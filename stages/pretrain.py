@@ -30,14 +30,15 @@ Deterministic: the initialisation is seeded, batch ``t`` is a pure function of (
 else draws random numbers, so a run is bit-identical on CPU with one thread, and a run resumed from
 ``last.pt`` (written atomically every ``--save-every`` steps, ``--resume``) equals one never
 interrupted. At the end the model classifies held-out images (the corpus's ``heldout`` stream, never
-trained on) among the corpus's colour–shape prompts in the demo's template, zero-shot.
+trained on) among the corpus's colour–shape prompts in the demo's template, zero-shot. Resuming, the
+random state, stale files and the replayed curve are pipeline/checkpointing.py's, shared with Phase A.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,8 @@ from stages.pretrain_config import PretrainConfig
 
 log = logging.getLogger("ballad.pretrain")
 
+COMMAND = "pretrain"  # the command whose code files last.pt's source digest covers
 MAX_LOGIT_SCALE = 100.0  # open_clip's trainer clamps exp(logit_scale) to 100 after every step
-
-
-# What a resumed run must share with the run that wrote last.pt; the rest may change between attempts.
-RESUME_KEYS = ("model", "corpus_size", "steps", "batch_size", "lr", "warmup", "weight_decay", "seed")
 
 
 # ---------------------------------------------------------------- the corpus
@@ -227,40 +225,6 @@ def zero_shot_accuracy(model, tokenizer, corpus: Corpus, normaliser, device, bat
             "demo_top1": round(float((demo_pred == labels[in_demo]).float().mean()), 4)}
 
 
-# ---------------------------------------------------------------- resume
-def resume_state(cfg: PretrainConfig, path: Path):
-    """last.pt's contents when this run continues it, else None (weights_only=True: untrusted input).
-
-    ``--resume`` continues only an unfinished run of the same code and RESUME_KEYS settings; otherwise
-    it says why and starts over. Without ``--resume`` an existing run is never overwritten.
-    """
-    import torch
-
-    from pipeline.provenance import source_digest
-
-    if not path.exists():
-        return None
-    if not cfg.resume:
-        raise UserError(f"{path}: --out {cfg.out} already holds a run; pass --resume to continue it "
-                        "or choose another --out")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = state["config"]
-    except Exception as e:  # any failure means the same: not a checkpoint we can use
-        raise UserError(f"{path}: unreadable checkpoint ({e.__class__.__name__}); delete it to start over") from None
-    changed = [f"{cfg.__dataclass_fields__[k].metadata['flag']} {saved.get(k)} → {getattr(cfg, k)}"
-               for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
-    if state.get("source_digest") != source_digest():
-        changed.append("it was written by another version of the code")
-    if changed:
-        log.warning("%s is a run with other settings (%s): starting a new run from step 0", path, "; ".join(changed))
-        return None
-    if state["step"] >= cfg.steps:
-        log.warning("%s is a finished run: starting a new run from step 0", path)
-        return None
-    return state
-
-
 # ---------------------------------------------------------------- the run
 def run_pretrain(cfg: PretrainConfig) -> Path:
     """Pretrain, checkpoint, write OUT/final.pt + OUT/final.json; returns the path of final.pt."""
@@ -278,97 +242,127 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
         return _train(cfg, out, device)
 
 
+@dataclass
+class Training:
+    """What the steps change and last.pt holds: the compacted model, its optimizer, the step and the
+    per-step history [loss, lr, logit scale]."""
+
+    model: object  # torch.nn.Module
+    vocab: CompactVocabulary
+    opt: object  # torch.optim.Optimizer
+    live: object  # pipeline.live.LiveLog
+    step: int = 0
+    history: list = field(default_factory=list)
+
+
 def _train(cfg: PretrainConfig, out: Path, device) -> Path:
+    from pipeline.checkpointing import clear_stale_writes, resume_state
+    from pipeline.models import create_model
+    from pipeline.runtime import seed_everything
+
+    out.mkdir(parents=True, exist_ok=True)
+    clear_stale_writes(out)
+    state = resume_state(cfg, COMMAND, out / "last.pt", cfg.steps, logger=log)
+    seed_everything(cfg.seed)
+    bb = create_model(cfg.model, device=device)
+    norm = _normaliser(bb)
+    started = time.perf_counter()
+    corpus = render_corpus(cfg.seed, "pretrain", cfg.corpus_size, bb.image_size, cfg.workers)
+    training, tokens = _start(cfg, bb, corpus, state, out, device)
+    _steps(cfg, training, corpus, tokens, norm, device, out / "last.pt")
+    training.vocab.restore()
+    seconds = time.perf_counter() - started
+    heldout = render_corpus(cfg.seed, "heldout", cfg.eval_size, bb.image_size, cfg.workers)
+    zero_shot = zero_shot_accuracy(bb.model, bb.tokenizer, heldout, norm, device)
+    log.info("pretrain: held-out zero-shot top-1 %.3f over %d classes (%.3f over the demo's %d)", zero_shot["top1"],
+             zero_shot["classes"], zero_shot["demo_top1"], zero_shot["demo_classes"])
+    return _write_final(cfg, out, training, zero_shot, seconds)
+
+
+def _start(cfg: PretrainConfig, bb, corpus: Corpus, state: dict | None, out: Path, device):
+    """The training (fresh, or last.pt's ``state`` when the run continues it, its curve replayed) and the
+    captions' token ids in the compact vocabulary."""
+    import torch
+
+    from pipeline.checkpointing import replay, restore_rng
+    from pipeline.live import LiveLog
+    from pipeline.text import DEFAULT_TEMPLATE, class_prompts, tokenize_trimmed
+    from stages import shapes
+
+    tokens = tokenize_trimmed(bb.tokenizer, corpus.captions)
+    prompts = tokenize_trimmed(bb.tokenizer, class_prompts(shapes.corpus_classnames(), DEFAULT_TEMPLATE))
+    vocab = CompactVocabulary(bb.model, torch.unique(torch.cat([tokens.flatten(), prompts.flatten()])))
+    if state is not None:
+        vocab.load_full_state_dict(state["model"])
+    training = Training(bb.model, vocab, make_optimizer(cfg, bb.model), LiveLog(out / "dvclive"))  # `dvc plots`
+    if state is not None:
+        training.opt.load_state_dict(state["optimizer"])
+        training.step, training.history = state["step"], state["history"]
+        restore_rng(state, device)
+    replay(training.live, [(i, _live_values(row)) for i, row in enumerate(training.history, 1)], training.step)
+    return training, vocab.tokens(tokens)
+
+
+def _steps(cfg: PretrainConfig, t: Training, corpus: Corpus, tokens, norm, device, last_path: Path) -> None:
+    """The steps from ``t.step`` to --steps, in train mode; last.pt every --save-every steps and at the end."""
     import torch
     import torch.nn.functional as F
     from open_clip.loss import ClipLoss
 
-    from pipeline.models import create_model
-    from pipeline.provenance import source_digest
-    from pipeline.live import LiveLog
-    from pipeline.runtime import progress, save_torch, seed_everything, sha256_file, write_json
-    from pipeline.text import DEFAULT_TEMPLATE, class_prompts, encode_text, tokenize_trimmed
-    from stages import shapes
+    from pipeline.checkpointing import checkpoint
+    from pipeline.runtime import progress, save_torch
+    from pipeline.text import encode_text
 
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):
-        stale.unlink()  # a write cut short by a kill; the file it was replacing is intact
-    last_path = out / "last.pt"
-    state = resume_state(cfg, last_path)
-
-    seed_everything(cfg.seed)
-    bb = create_model(cfg.model, device=device)
-    model, norm = bb.model, _normaliser(bb)
-    started = time.perf_counter()
-    corpus = render_corpus(cfg.seed, "pretrain", cfg.corpus_size, bb.image_size, cfg.workers)
-    tokens = tokenize_trimmed(bb.tokenizer, corpus.captions)
-    prompts = tokenize_trimmed(bb.tokenizer, class_prompts(shapes.corpus_classnames(), DEFAULT_TEMPLATE))
-    vocab = CompactVocabulary(model, torch.unique(torch.cat([tokens.flatten(), prompts.flatten()])))
-    if state is not None:
-        vocab.load_full_state_dict(state["model"])
-    tokens = vocab.tokens(tokens)
-    opt = make_optimizer(cfg, model)
-    step, history = 0, []
-    live = LiveLog(out / "dvclive")  # the curve `dvc plots` shows, while it trains
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        step, history = state["step"], state["history"]
-        log.info("resuming %s at step %d of %d", out, step, cfg.steps)
-        for i, row in enumerate(history, 1):  # the rows up to the checkpoint, each once
-            _log_row(live, i, row, sync=i == len(history))
-    loss_fn = ClipLoss()
+    loss_fn, model = ClipLoss(), t.model
     model.train()
-
-    def save_last():
-        save_torch({"model": vocab.full_state_dict(), "optimizer": opt.state_dict(), "step": step,
-                         "history": history, "config": asdict(cfg), "source_digest": source_digest()}, last_path)
-
-    with progress(total=cfg.steps, initial=step, desc="pretrain", unit="step") as bar:
-        while step < cfg.steps:
-            lr = lr_at(cfg, step)
-            for group in opt.param_groups:
+    with progress(total=cfg.steps, initial=t.step, desc="pretrain", unit="step") as bar:
+        while t.step < cfg.steps:
+            lr = lr_at(cfg, t.step)
+            for group in t.opt.param_groups:
                 group["lr"] = lr
-            rows = batch_indices(cfg.seed, step, cfg.corpus_size, cfg.batch_size)
+            rows = batch_indices(cfg.seed, t.step, cfg.corpus_size, cfg.batch_size)
             image = F.normalize(model.encode_image(_images(corpus.images, rows, norm, device)), dim=-1)
             text = F.normalize(encode_text(model, tokens[rows].to(device)), dim=-1)
             loss = loss_fn(image, text, model.logit_scale.exp())
             value = loss.item()
             if not math.isfinite(value):
-                raise UserError(f"step {step + 1}: loss is {value}; stopped without updating the weights; lower --lr")
-            opt.zero_grad(set_to_none=True)
+                raise UserError(f"step {t.step + 1}: loss is {value}; stopped without updating the weights; "
+                                "lower --lr")
+            t.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            t.opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
-            step += 1
-            history.append([round(value, 5), lr, round(model.logit_scale.detach().exp().item(), 4)])
-            _log_row(live, step, history[-1])
+            t.step += 1
+            t.history.append([round(value, 5), lr, round(model.logit_scale.detach().exp().item(), 4)])
+            t.live.log(t.step, _live_values(t.history[-1]))
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", refresh=False)
             bar.update()
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save_last()
-    vocab.restore()
-    train_seconds = time.perf_counter() - started
+            if t.step % cfg.save_every == 0 or t.step == cfg.steps:
+                save_torch(checkpoint(cfg, COMMAND, t.step, cfg.steps, device, model=t.vocab.full_state_dict(),
+                                      optimizer=t.opt.state_dict(), history=t.history), last_path)
 
-    heldout = render_corpus(cfg.seed, "heldout", cfg.eval_size, bb.image_size, cfg.workers)
-    zero_shot = zero_shot_accuracy(model, bb.tokenizer, heldout, norm, device)
-    log.info("pretrain: held-out zero-shot top-1 %.3f over %d classes (%.3f over the demo's %d)", zero_shot["top1"],
-             zero_shot["classes"], zero_shot["demo_top1"], zero_shot["demo_classes"])
+
+def _write_final(cfg: PretrainConfig, out: Path, t: Training, zero_shot: dict, seconds: float) -> Path:
+    """OUT/final.pt (a plain state dict) and then OUT/final.json, the record of the run."""
+    from pipeline.runtime import save_torch, sha256_file, write_json
+    from stages import shapes
+
     final = out / "final.pt"
-    save_torch(model.state_dict(), final)
+    save_torch(t.model.state_dict(), final)
     write_json(out / "final.json", {
         "model": cfg.model, "checkpoint": final.name, "sha256": sha256_file(final), "steps": cfg.steps,
-        "epochs": round(cfg.steps * cfg.batch_size / cfg.corpus_size, 2), "final_loss": history[-1][0],
-        "logit_scale": history[-1][2], "zero_shot_heldout": zero_shot,
+        "epochs": round(cfg.steps * cfg.batch_size / cfg.corpus_size, 2), "final_loss": t.history[-1][0],
+        "logit_scale": t.history[-1][2], "zero_shot_heldout": zero_shot,
         "corpus": {"generator": "stages/shapes.py corpus_sample", "seed": cfg.seed, "size": cfg.corpus_size,
                    "colours": list(shapes.CORPUS_COLOURS), "shapes": list(shapes.CORPUS_SHAPES),
                    "sizes": list(shapes.SIZES), "backgrounds": list(shapes.BACKGROUNDS),
-                   "trained_tokens": len(vocab.ids)},
-        "seconds_this_attempt": round(train_seconds, 1), "config": asdict(cfg)})
+                   "trained_tokens": len(t.vocab.ids)},
+        "seconds_this_attempt": round(seconds, 1), "config": asdict(cfg)})
     return final
 
 
-def _log_row(live, step: int, row: list, sync: bool = True) -> None:
-    """One step's loss, learning rate and logit scale (a row of ``history``) into dvclive's files."""
+def _live_values(row: list) -> dict:
+    """One step's loss, learning rate and logit scale (a row of the history) as dvclive metrics."""
     loss, lr, scale = row
-    live.log(step, {"loss": loss, "lr": lr, "logit_scale": scale}, sync=sync)
+    return {"loss": loss, "lr": lr, "logit_scale": scale}

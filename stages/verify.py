@@ -148,7 +148,7 @@ def _final(final: Path, meta_file: Path, retrain: str) -> Finding:
     """final.pt is the file final.json describes (sha256) and loads, weights only, into its architecture."""
     from pipeline.models import create_model
     from pipeline.validate import SHA256
-    from stages.extract_meta import CHECKPOINT_META, read_checkpoint_meta
+    from stages.extract.meta import CHECKPOINT_META, read_checkpoint_meta
 
     try:
         meta = read_checkpoint_meta(meta_file, {**CHECKPOINT_META, "sha256": SHA256}, retrain)

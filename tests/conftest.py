@@ -23,10 +23,11 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small shapes-LT dataset (30 classes, 60 → 3 train images per class), 2+ shards per split."""
-    from stages.prepare import prepare_synthetic
+    from stages.prepare.synthetic import SyntheticConfig, prepare_synthetic
 
     out = tmp_path_factory.mktemp("data") / "shapes"
-    prepare_synthetic(out, max_count=60, imbalance=20, test_per_class=4, val_per_class=2, shard_size=100)
+    prepare_synthetic(SyntheticConfig(out=str(out), max_count=60, imbalance=20, test_per_class=4, val_per_class=2,
+                                      shard_size=100))
     return out
 
 

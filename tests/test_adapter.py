@@ -15,16 +15,27 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-import stages.adapter as adapter_module
+import stages.adapter.train as adapter_module
 from lt_features import make_lt_store
 from cli import main
 from pipeline.errors import UserError
 from stages.adapter import CosineCrossEntropy, TrainConfig, fit, load_adapter, train_adapter
-from stages.evaluate import evaluate
-from stages.sweep import sweep
+from stages.evaluate.run import evaluate as run_evaluate
+from stages.evaluate.sweep import sweep as run_sweep
+from stages.evaluate_config import EvaluateConfig, SweepConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 FAST = dict(batch_size=64)  # the synthetic store has ~2.6k train features: 41 steps per epoch
+
+
+def evaluate(features, out, **options):
+    return run_evaluate(EvaluateConfig(features=str(features), out=str(out), **options))
+
+
+def sweep(features, out, lambdas, cfg=None, **options):
+    train = asdict(cfg) if cfg is not None else {}
+    return run_sweep(SweepConfig(features=str(features), out=str(out), lambdas=",".join(map(str, lambdas)),
+                                 **train, **options))
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +206,7 @@ def test_adapter_keeps_best_val_epoch_of_the_store(val_store, tmp_path):
     # sweep keeps its epoch by the same rule, per λ
     row, = sweep(val_store, tmp_path / "sweep", [0.2], TrainConfig(**FAST))
     epoch = blob["selected_epoch"]
-    assert (row["selected_epoch"], row["val_acc"], row["loss"]) == (epoch, max(vals), blob["losses"][epoch - 1])
+    assert (row["selected_epoch"], row["val_acc"], row["train_loss"]) == (epoch, max(vals), blob["losses"][epoch - 1])
     assert row["top1"] == pytest.approx(evaluate(val_store, tmp_path / "t", adapter=tmp_path / "best.pt")["top1"])
 
 
@@ -204,7 +215,7 @@ def test_selection_without_val_split(lt_store, tmp_path):
     assert (blob["select"], blob["selected_epoch"], blob["val_acc_per_epoch"], blob["val_acc"]) == ("last", 3, [], None)
     for run in (lambda cfg: train_adapter(lt_store, tmp_path / "b.pt", cfg),
                 lambda cfg: sweep(lt_store, tmp_path / "sweep", [0.2], cfg)):
-        with pytest.raises(UserError, match=r"--select best-val: no complete 'val' split in .*lt\.zarr"):
+        with pytest.raises(UserError, match=r"--select best-val: .*lt\.zarr has no val split"):
             run(TrainConfig(select="best-val", **FAST))
     assert not (tmp_path / "b.pt").exists() and not (tmp_path / "sweep").exists()
 
@@ -343,7 +354,7 @@ def test_cli_adapter_evaluate_and_errors(lt_store, tmp_path):
                           (adapter + ["--la-tau", "nan"], "--la-tau nan"),
                           (adapter + ["--select", "best-val"], "--select best-val"),
                           (["sweep", "--features", str(lt_store), "--lambdas", "0.1,nan", "--out", str(tmp_path / "s")],
-                           "--lambdas 0.1,nan: expected comma-separated finite numbers"),
+                           "--lambdas 0.1,nan"),
                           (["sweep", "--features", str(lt_store), "--lr", "-1", "--out", str(tmp_path / "s")],
                            "--lr -1"),
                           (["adapter", "--features", str(tmp_path / "nope.zarr"), "--out", str(model)], "nope.zarr"),
@@ -353,3 +364,12 @@ def test_cli_adapter_evaluate_and_errors(lt_store, tmp_path):
         assert r.exit_code != 0 and "Error: " in r.output and message in r.output, (args, r.output)
         assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
     assert not model.exists() and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("loss", ["focal", "ldam", "class-balanced", "grw", "lade"])
+def test_every_registered_loss_trains_phase_b_and_is_recorded(loss):
+    """A loss outside the fused kernel: fit runs it on the cosine logits, and it changes the run."""
+    feats, labels, text = toy_problem()
+    ce = fit(feats, labels, text, 10.0, TrainConfig(epochs=2, batch_size=50))
+    other = fit(feats, labels, text, 10.0, TrainConfig(epochs=2, batch_size=50, loss=loss))
+    assert all(math.isfinite(v) for v in other.losses) and other.losses != ce.losses

@@ -67,7 +67,7 @@ def test_every_draw_takes_one_of_its_samples_views():
                           for v in range(v_count)])
     labels = torch.arange(n) % 5
     seen = []
-    import stages.adapter as adapter_module
+    import stages.adapter.model as adapter_module
 
     original = adapter_module.CosineCrossEntropy.apply
 

@@ -18,8 +18,9 @@ from pipeline.encode import text_embeddings
 from pipeline.errors import UserError
 from stages.adapter import TrainConfig, train_adapter
 from stages.bundle import Bundle, export
-from stages.evaluate import evaluate
-from stages.extract import extract
+from stages.evaluate.run import evaluate as run_evaluate
+from stages.evaluate_config import EvaluateConfig
+from stages.extract.run import extract
 from store.features import FeatureStore, write_store
 from store.shards import load_dataset, read_shard
 from test_images import HOSTILE
@@ -42,8 +43,8 @@ def run(tmp_path_factory, tiny_data):
     extract(str(ckpt), tiny_data, features, splits=["train", "test"], batch_size=64, workers=0, test_views="five-crop")
     adapter = root / "adapter.pt"
     train_adapter(features, adapter, TrainConfig(epochs=1, batch_size=64, schedule="standard"), device="cpu")
-    evaluate(features, root / "report", adapter=str(adapter), device="cpu")
-    evaluate(features, root / "report_tta", adapter=str(adapter), tta="mean", device="cpu")
+    run_evaluate(EvaluateConfig(str(features), str(root / "report"), adapter=str(adapter), device="cpu"))
+    run_evaluate(EvaluateConfig(str(features), str(root / "report_tta"), adapter=str(adapter), tta="mean", device="cpu"))
     bundle = root / "shapes.bundle"
     export(ckpt, str(adapter), features, bundle)
     samples = [s for url in load_dataset(tiny_data).urls("test") for s in read_shard(url)]

@@ -15,9 +15,9 @@ from cli import main
 from pipeline.errors import UserError
 from pipeline.models import build_transforms
 from pipeline.tensor_transforms import TensorTransform
-from stages.extract_config import ExtractConfig
-from stages.phase_a_config import PhaseAConfig
-from stages.prepare import Spec, write_dataset
+from stages.extract.config import ExtractConfig
+from stages.phase_a.config import PhaseAConfig
+from stages.prepare.writer import Spec, write_dataset
 from store.features import FeatureStore
 from store.shards import load_dataset
 from pipeline.images import BadImage
@@ -123,7 +123,7 @@ def test_the_encode_stage_applies_the_pixel_limit_from_the_header_before_the_dev
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_phase_a_batches_decoded_on_the_device_follow_the_cpu_path(jpeg_data, tiny_backbone, workers):
-    from stages.phase_a_data import eval_batches, train_batches
+    from stages.phase_a.data import eval_batches, train_batches
 
     urls = load_dataset(jpeg_data).urls("train")
     common = dict(seed=1, epoch=2, micro_batch=4, workers=workers, shuffle_buffer=8, distributed=False)
@@ -148,11 +148,11 @@ def test_phase_a_batches_decoded_on_the_device_follow_the_cpu_path(jpeg_data, ti
 
 def test_extract_decoded_on_the_device_stores_what_the_cpu_path_stores(jpeg_data, tmp_path, monkeypatch,
                                                                        single_thread):
-    import stages.extract
-    from stages.extract import extract
+    import stages.extract.run
+    from stages.extract.run import extract
 
     # This machine may have no GPU: the stage's choice is forced, the decoding runs on the CPU device.
-    monkeypatch.setattr(stages.extract, "decode_on_device", lambda mode, device, urls: mode == "gpu")
+    monkeypatch.setattr(stages.extract.run, "decode_on_device", lambda mode, device, urls: mode == "gpu")
     args = dict(model="ballad-tiny", batch_size=8, workers=0, dtype="float32", train_views=2, test_views="five-crop",
                 skip_bad=True)
     extract("none", jpeg_data, tmp_path / "cpu.zarr", decode="cpu", **args)

@@ -1,7 +1,8 @@
 """The DVC pipeline end to end on a very small demo: every declared metric appears, changing only
 adapter.lambda re-runs only the adapter and the stages downstream of it, and `dvc exp show` compares
 experiments' metrics (the small metrics files, dvclive's training logs included, are tracked by git, as
-DVC intends)."""
+DVC intends). And without running a stage (outputs stood in for, recorded by `dvc commit`): a code edit
+leaves `dvc status` clean for every stage whose command does not run the edited file."""
 from __future__ import annotations
 
 import json
@@ -27,7 +28,8 @@ SMALL = {
 
 
 def _dvc(cwd: Path, *args: str) -> str:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", BALLAD_PROGRESS="0")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", BALLAD_PROGRESS="0",
+               DVC_NO_ANALYTICS="1")
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -109,3 +111,44 @@ def test_dvc_repro_runs_every_stage_and_lambda_reruns_only_phase_b(tmp_path):
     assert {"lam0", "lam1"} <= set(found), rows
     assert all(isinstance(v, float) for pair in found.values() for v in pair)
     assert found["lam0"][1] != found["lam1"][1]  # each experiment its own Phase B log
+
+
+def _append(path: Path, text: str = "\n# edited\n") -> None:
+    path.write_text(path.read_text() + text)
+
+
+@pytest.mark.slow
+def test_a_code_edit_changes_only_the_stages_whose_command_runs_it(tmp_path):
+    """dvc.yaml's code deps as DVC reads them: another command's CLI module (export's) changes no stage,
+    phase-a's CLI module only phase_a, a module only evaluate and sweep run only those."""
+    from dvc.repo import Repo
+
+    from pipeline.provenance import PACKAGES, code_files
+
+    repo = tmp_path / "repo"
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(REPO / name, repo / name)
+    _dvc(repo, "init", "--no-scm", "-q")
+    for stage in Repo(str(repo)).index.stages:  # every output stood in for by a small file
+        for out in stage.outs:
+            path = repo / out.def_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(out.def_path)
+    _dvc(repo, "commit", "--force", "-q")
+    assert json.loads(_dvc(repo, "status", "--json")) == {}
+
+    _append(repo / "cli" / "bundle.py")  # `export`'s CLI module: no stage runs it
+    assert json.loads(_dvc(repo, "status", "--json")) == {}
+
+    evaluate_only = sorted(set(code_files("evaluate")) - {f for c in ("prepare", "pretrain", "phase-a", "extract",
+                                                                      "adapter") for f in code_files(c)})
+    _append(repo / evaluate_only[-1])
+    changed = set(json.loads(_dvc(repo, "status", "--json")))
+    assert "evaluate@ballad" in changed and changed <= {"evaluate@zero_shot", "evaluate@phase_a", "evaluate@ballad",
+                                                        "sweep"}, (evaluate_only[-1], changed)
+    shutil.copy2(REPO / evaluate_only[-1], repo / evaluate_only[-1])
+
+    _append(repo / "cli" / "phase_a.py")
+    assert set(json.loads(_dvc(repo, "status", "--json"))) == {"phase_a"}

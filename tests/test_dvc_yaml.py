@@ -1,81 +1,34 @@
 """dvc.yaml against the code and the parameter files, statically (no stage runs here; the end-to-end run
-is tests/test_dvc_pipeline.py): every stage depends on every project module its command imports, so a
-code change never leaves a stale result; every params section a stage passes whole holds only options of
-its command; every parameter file (params.yaml and each configs/ recipe) fits the stages, down to each
-command line DVC would run being one its command accepts."""
+is tests/test_dvc_pipeline.py): every stage's code deps are exactly the project files its command runs,
+so a code change re-runs what it touches and nothing else; a stage's command line renders as DVC renders
+it (cli/project.py, which bare commands take their options from); every params section a stage passes
+whole holds only options of its command; every parameter file (params.yaml and each configs/ recipe) fits
+the stages, down to each command line DVC would run being one its command accepts."""
 from __future__ import annotations
 
-import ast
 import dataclasses
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import click
 import pytest
 import yaml
 
-from cli import COMMANDS, main
+from cli import main
+from cli.deps import is_code, stale
+from cli.project import expand, render
 from pipeline.errors import UserError
+from pipeline.provenance import code_files
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "stages", "store")
 PARAM_FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 
 def stages() -> dict:
     """The stages of dvc.yaml, ``foreach`` expanded into NAME@KEY as DVC names them."""
-    out = {}
-    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
-        if "foreach" not in stage:
-            out[name] = stage
-            continue
-        for key, item in stage["foreach"].items():
-            text = yaml.safe_dump(stage["do"])
-            text = text.replace("${key}", key)
-            for field, value in item.items():
-                text = text.replace(f"${{item.{field}}}", str(value))
-            out[f"{name}@{key}"] = yaml.safe_load(text)
-    return out
-
-
-def module_file(name: str) -> Path | None:
-    parts = name.split(".")
-    if parts[0] not in PACKAGES:
-        return None
-    path = ROOT.joinpath(*parts)
-    if path.with_suffix(".py").is_file():
-        return path.with_suffix(".py")
-    if (path / "__init__.py").is_file():
-        return path / "__init__.py"
-    return None
-
-
-def imported_files(start: Path) -> set[Path]:
-    """Every project file ``start`` imports, at module level or inside functions, transitively."""
-    seen, todo = set(), [start]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
-                names = [base] + [f"{base}.{a.name}" for a in node.names]
-            for name in names:
-                parts = name.split(".")
-                for i in range(1, len(parts) + 1):  # a package import runs its __init__ too
-                    f = module_file(".".join(parts[:i]))
-                    if f is not None and f not in seen:
-                        todo.append(f)
-    return seen
+    return expand(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 
 
 def command_of(stage: dict) -> str:
@@ -84,14 +37,62 @@ def command_of(stage: dict) -> str:
     return words[1]
 
 
-def test_every_stage_depends_on_the_code_it_runs():
+def test_every_stages_code_deps_are_the_files_its_command_runs():
+    problems = stale(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
+    assert not problems, f"dvc.yaml's code deps are out of date; run `make deps` (python -m cli.deps --write): {problems}"
+
+
+def test_the_code_deps_name_each_file_of_the_commands_modules_and_no_folder():
+    """What ``make deps`` writes, checked against the stage modules the commands call: no stage depends
+    on a whole package (an edit anywhere in it would re-run the stage), and each depends on its own
+    command's CLI module but on no other command's."""
+    cli_modules = {f"cli/{p.name}" for p in (ROOT / "cli").glob("*.py")}
     for name, stage in stages().items():
-        command = command_of(stage)
-        target = module_file(COMMANDS[command].split(":")[0])
-        deps = [ROOT / d for d in stage.get("deps", [])]
-        missing = [str(f.relative_to(ROOT)) for f in sorted(imported_files(target))
-                   if not any(f == d or d in f.parents for d in deps)]
-        assert not missing, f"stage {name} runs `{command}` but does not depend on {missing}"
+        code = [d for d in stage["deps"] if is_code(d)]
+        assert all((ROOT / d).is_file() for d in code), f"{name}: {code}"
+        own = {f for f in code_files(command_of(stage)) if f in cli_modules}
+        assert {"cli/__init__.py", "cli/options.py"} <= own and set(code) & cli_modules == own, name
+    assert "cli/bundle.py" not in {d for s in stages().values() for d in s["deps"]}  # no stage runs export
+
+
+def test_make_deps_rewrites_only_the_code_deps(tmp_path):
+    """`python -m cli.deps --write` on a dvc.yaml whose code deps are gone or stale gives back today's file,
+    byte for byte (comments, data deps and their order kept); without --write it lists the stale stages."""
+    from click.testing import CliRunner
+
+    from cli.deps import main as deps
+
+    text = (ROOT / "dvc.yaml").read_text()
+    code = re.compile(r"^\s+- (cli|pipeline|stages|store)/\S+\n", re.M)
+    stripped = code.sub("", text)
+    first = "    deps:\n      - ${data.dir}\n"
+    assert not code.search(stripped) and stripped.count(first) == 3
+    old = stripped.replace(first, f"{first}      - pipeline\n      - stages/gone.py\n")
+    path = tmp_path / "dvc.yaml"
+    path.write_text(old)
+    check = CliRunner().invoke(deps, ["--file", str(path)])
+    assert check.exit_code == 1 and "phase_a: missing [" in check.output and "'stages/gone.py'" in check.output
+    assert CliRunner().invoke(deps, ["--file", str(path), "--write"]).exit_code == 0
+    assert path.read_text() == text
+
+
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
+def test_command_lines_render_as_dvc_renders_them(path, tmp_path):
+    """cli/project.py's rendering (what bare commands default from) against DVC's own, stage by stage."""
+    from dvc.repo import Repo
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(path, tmp_path / "params.yaml")
+    Repo.init(str(tmp_path), no_scm=True)
+    theirs = {s.addressing.split(":")[-1]: s.cmd for s in Repo(str(tmp_path)).index.stages}
+    params = yaml.safe_load(path.read_text())
+    ours = {name: rendered(stage["cmd"], params) for name, stage in stages().items()}
+    assert ours == {name: shlex.split(cmd) for name, cmd in theirs.items()}
+
+
+def test_a_missing_param_is_a_one_line_error_naming_the_stage():
+    with pytest.raises(UserError, match=r"^dvc.yaml: stage 'x': \$\{adapter.nope\} is not in params.yaml$"):
+        render("ballad-pipe adapter --lambda ${adapter.nope}", {"adapter": {}}, "dvc.yaml: stage 'x'")
 
 
 def command_options(command: str) -> set[str]:
@@ -125,24 +126,15 @@ def test_every_parameter_file_has_the_demos_sections(path):
 
 
 def rendered(cmd: str, params: dict) -> list[str]:
-    """``cmd`` as DVC renders it from ``params``: ``${a.b}`` → its value; a section passed whole → ``--key
-    value`` per key (true → ``--key`` alone, false → nothing, as DVC's default ``store_true``)."""
-    def value(match) -> str:
-        v = params
-        for part in match.group(1).split("."):
-            v = v[part]
-        if not isinstance(v, dict):
-            return str(v)
-        return " ".join(f"--{k}" if w is True else "" if w is False else f"--{k} {shlex.quote(str(w))}"
-                        for k, w in v.items())
-    return shlex.split(re.sub(r"\$\{([\w.]+)\}", value, cmd))
+    """``cmd`` as DVC renders it from ``params`` (cli/project.py, checked against DVC above), as words."""
+    return shlex.split(render(cmd, params, "dvc.yaml"))
 
 
 def _configs() -> dict:
     """The commands whose options build a config dataclass, and that dataclass (its ``check`` is theirs)."""
-    from stages.adapter_config import TrainConfig
-    from stages.extract_config import ExtractConfig
-    from stages.phase_a_config import PhaseAConfig
+    from stages.adapter.train_config import TrainConfig
+    from stages.extract.config import ExtractConfig
+    from stages.phase_a.config import PhaseAConfig
     from stages.pretrain_config import PretrainConfig
 
     return {"pretrain": PretrainConfig, "phase-a": PhaseAConfig, "extract": ExtractConfig, "adapter": TrainConfig,

@@ -11,9 +11,24 @@ from click.testing import CliRunner
 
 from cli import main
 from pipeline.errors import UserError
-from stages.evaluate import (accuracy_bins, calibration_error, evaluate, plot_per_class, score, shot_accuracy,
-                             write_per_class_csv, write_report)
-from stages.sweep import sweep
+from stages.evaluate.files import write_per_class_csv, write_report
+from stages.evaluate.plots import accuracy_bins, plot_per_class
+from stages.evaluate.run import evaluate as run_evaluate
+from stages.evaluate.score import calibration_error, score, shot_accuracy
+from stages.evaluate.sweep import sweep as run_sweep
+from stages.evaluate_config import EvaluateConfig, SweepConfig
+
+
+def evaluate(features, out, **options):
+    return run_evaluate(EvaluateConfig(features=str(features), out=str(out), **options))
+
+
+def sweep(features, out, lambdas, cfg=None, **options):
+    from dataclasses import asdict
+
+    train = asdict(cfg) if cfg is not None else {}
+    return run_sweep(SweepConfig(features=str(features), out=str(out), lambdas=",".join(map(str, lambdas)),
+                                 **train, **options))
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -192,12 +207,14 @@ def test_sweep_table_and_lambda_zero_is_the_store(lt_store, tmp_path):
 
     rows = sweep(lt_store, tmp_path / "sweep", [0.0, 0.5], TrainConfig(epochs=2, batch_size=64))
     assert [r["lambda"] for r in rows] == [0.0, 0.5]
+    assert list(rows[0]) == ["lambda", "top1", "top5", "many", "medium", "few", "ece", "selected_epoch", "val_acc",
+                             "train_loss"]
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text()) == rows
     assert len(list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))) == 2
     assert (tmp_path / "sweep" / "sweep.png").is_file()
     none = evaluate(lt_store, tmp_path / "none")
     assert rows[0]["top1"] == pytest.approx(none["top1"]) and rows[0]["few"] == pytest.approx(none["few"])
-    with pytest.raises(UserError, match="--lambda 2"):
+    with pytest.raises(UserError, match=r"^--lambdas 0.1,2.0: --lambda 2.0: must be in \[0, 1\]$"):
         sweep(lt_store, tmp_path / "bad", [0.1, 2.0])
 
 

@@ -25,9 +25,9 @@ from pipeline.encode import split_transform
 from pipeline.errors import UserError
 from pipeline.runtime import sha256_file
 from pipeline.views import TEST_VIEWS, TrainViews, tta_views, view_rng_seed
-from stages.extract import extract
-from stages.extract_config import MAX_TRAIN_VIEWS
-from stages.extract_meta import resolve_templates
+from stages.extract.run import extract
+from stages.extract.config import MAX_TRAIN_VIEWS
+from stages.extract.meta import resolve_templates
 from store.features import FeatureStore
 from store.shards import load_dataset, read_shard, write_shard
 from test_images import HOSTILE
@@ -465,7 +465,7 @@ def test_documented_plain_zarr_views_example(reference, capsys):
 def test_dvc_passes_the_view_settings():
     import yaml
 
-    from stages.evaluate import TTA_MODES
+    from stages.evaluate_config import TTA_MODES
     from test_dvc_yaml import stages
 
     repo = Path(__file__).parents[1]
@@ -494,7 +494,7 @@ def test_dvc_passes_the_view_settings():
 def test_an_edited_final_json_is_a_one_line_error_naming_the_key(tmp_path, meta, message):
     """extract reads the architecture and the pretrained tag from the final.json beside --ckpt: a file
     anyone can edit, checked key by key (issue 22) before anything is built from it."""
-    from stages.extract_meta import resolve_checkpoint
+    from stages.extract.meta import resolve_checkpoint
 
     (tmp_path / "final.pt").write_bytes(b"weights")
     (tmp_path / "final.json").write_text(json.dumps(meta))

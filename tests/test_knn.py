@@ -7,8 +7,17 @@ from click.testing import CliRunner
 
 from cli import main
 from pipeline.errors import UserError
-from stages.evaluate import evaluate
-from stages.knn import KnnConfig, cache_logits, neighbors, search
+from stages.evaluate.knn import cache_logits, neighbors as run_neighbors, search
+from stages.evaluate.run import evaluate as run_evaluate
+from stages.evaluate_config import EvaluateConfig, NeighborsConfig
+
+
+def evaluate(features, out, **options):
+    return run_evaluate(EvaluateConfig(features=str(features), out=str(out), **options))
+
+
+def neighbors(features, key, **options):
+    return run_neighbors(NeighborsConfig(features=str(features), key=key, **options))
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -40,12 +49,12 @@ def test_cache_matches_brute_force(gamma):
 
 def test_knn_fusion_in_evaluate(lt_store, tmp_path):
     base = evaluate(lt_store, tmp_path / "a")
-    silent = evaluate(lt_store, tmp_path / "b", knn=KnnConfig(k=10, alpha=0.0))
+    silent = evaluate(lt_store, tmp_path / "b", knn_k=10, knn_alpha=0.0)
     assert silent == base
-    fused = evaluate(lt_store, tmp_path / "c", knn=KnnConfig(k=10, alpha=5.0, beta=5.0, gamma=0.5))
+    fused = evaluate(lt_store, tmp_path / "c", knn_k=10, knn_alpha=5.0, knn_beta=5.0, knn_gamma=0.5)
     assert fused != base and 0 <= fused["few"] <= 100
     with pytest.raises(UserError, match="--knn-k"):
-        evaluate(lt_store, tmp_path / "d", knn=KnnConfig(k=-1))
+        evaluate(lt_store, tmp_path / "d", knn_k=-1)
 
 
 def test_neighbors(lt_store):

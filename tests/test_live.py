@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-import stages.adapter as adapter_module
-import stages.phase_a as phase_a_module
+import stages.adapter.train as adapter_module
+import stages.phase_a.run as phase_a_module
 from pipeline.live import LiveLog
 from stages.adapter import TrainConfig, live_dir, train_adapter
 from stages.phase_a import LIVE_DIR, PhaseAConfig, run_phase_a

@@ -15,8 +15,8 @@ from cli import COMMANDS, main
 from cli.options import FLOAT_OR_NONE, INT_OR_NONE, TEXT_OR_NONE
 from pipeline.errors import UserError
 from pipeline.options import DEVICE, DEVICE_HELP, none_to_null
-from stages.adapter_config import TrainConfig
-from stages.phase_a_config import PhaseAConfig
+from stages.adapter.train_config import TrainConfig
+from stages.phase_a.config import PhaseAConfig
 
 
 def command(name: str) -> click.Command:
@@ -68,7 +68,7 @@ def test_every_config_field_is_its_option_with_the_fields_default_choices_and_he
 
 def test_phase_a_config_is_one_class_and_checks_itself():
     import stages.phase_a as pa
-    import stages.phase_a_config as pac
+    import stages.phase_a.config as pac
 
     assert pa.PhaseAConfig is pac.PhaseAConfig
     assert pa.CLASSIFIERS is pac.CLASSIFIERS and pa.PRECISIONS is pac.PRECISIONS
@@ -113,24 +113,35 @@ def test_phase_a_numeric_options_take_dvcs_null(monkeypatch, word):
 
 @pytest.mark.parametrize("args, stage, returns, nones", [
     (["evaluate", "--features", "f", "--out", "o"],  # the default, none
-     "stages.evaluate.evaluate", {k: 1.0 for k in ("top1", "top5", "many", "medium", "few", "ece")} | {"num_test": 1},
-     ["adapter"]),
+     "stages.evaluate.run.evaluate", {k: 1.0 for k in ("top1", "top5", "many", "medium", "few", "ece")} | {"num_test": 1},
+     ["0.adapter"]),
     (["neighbors", "--features", "f", "--key", "k", "--adapter", "None"],
-     "stages.knn.neighbors", {"key": "k", "class": "c", "predicted_class": "c", "neighbors": []}, ["adapter"]),
+     "stages.evaluate.knn.neighbors", {"key": "k", "class": "c", "predicted_class": "c", "neighbors": []},
+     ["0.adapter"]),
     (["extract", "--ckpt", "none", "--pretrained", "None", "--workers", "None", "--data", "d", "--out", "o"],
-     "stages.extract.extract", {}, [0, "pretrained", "workers"]),
+     "stages.extract.run.extract", {}, [0, "pretrained", "workers"]),
     (["export", "--ckpt", "c", "--adapter", "none", "--features", "f", "--out", "o"],
      "stages.bundle.export", {"adapter": None, "model": {"name": "m"}, "classnames": []}, [1]),
 ], ids=["evaluate", "neighbors", "extract", "export"])
 def test_stages_receive_none_for_none(monkeypatch, args, stage, returns, nones):
-    """``nones``: the stage function's arguments (by position or keyword) that must arrive as None."""
+    """``nones``: the stage function's arguments (by position or keyword, or ``N.field`` of the config passed
+    at position N) that must arrive as None."""
     module, name = stage.rsplit(".", 1)
     calls = []
     monkeypatch.setattr(importlib.import_module(module), name, lambda *a, **kw: calls.append((a, kw)) or returns)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     [(positional, keywords)] = calls
-    assert {k: positional[k] if isinstance(k, int) else keywords[k] for k in nones} == dict.fromkeys(nones)
+
+    def argument(k):
+        if isinstance(k, int):
+            return positional[k]
+        if "." in k:
+            index, field = k.split(".")
+            return getattr(positional[int(index)], field)
+        return keywords[k]
+
+    assert {k: argument(k) for k in nones} == dict.fromkeys(nones)
 
 
 # -- --device --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""LIFT's lightweight Phase A (issue 14): --tune full|bias|lora|adaptformer, --classifier text|head,
+"""LIFT's lightweight Phase A (issues 14, 24): --tune full|bias-norm|bitfit|layernorm|lora|adaptformer, --classifier text|head,
 --loss logit-adjusted; their checkpoints through the factory and extract; resume for every variant."""
 from __future__ import annotations
 
@@ -14,14 +14,18 @@ import torch.nn.functional as F
 from test_phase_a import cli, cli_env, kill_after_first_save, read_log
 from test_phase_a import small_data  # noqa: F401  (a fixture)
 
-import stages.phase_a as pa
+import stages.phase_a.run as par
 from pipeline.errors import UserError
 from pipeline.models import create_model
-from pipeline.peft import HEAD_KEY, AdaptFormerBlock, add_tuning, export_state_dict, lift_width, mark_trainable
+from pipeline.peft import HEAD_KEY, AdaptFormerBlock, lift_width
 from pipeline.prior import log_prior
+from pipeline.shared_options import LOSSES
 from pipeline.runtime import seed_everything
 from pipeline.text import tokenize_trimmed
-from stages.phase_a import PhaseAConfig, Towers, cosine_logits, param_digest, run_phase_a, text_head, train_step
+from pipeline.tuning import TUNES, add_tuning, mark_trainable, tuning
+from stages.phase_a.config import CLASSIFIERS, PhaseAConfig
+from stages.phase_a.model import Towers, cosine_logits, param_digest, text_head, train_step
+from stages.phase_a.run import run_phase_a
 
 VIT = dict(model="ballad-tiny-vit", optimizer="adamw", lr=1e-3, weight_decay=0.05, workers=0, shuffle_buffer=50)
 CLASSES = ("red circle", "blue square", "green triangle")
@@ -33,7 +37,7 @@ def tiny_vit(tune: str = "full", *, classifier: str = "text", seed: int = 0, **k
     bb = create_model("ballad-tiny-vit")
     tokens = tokenize_trimmed(bb.tokenizer, [f"a photo of a {c}." for c in CLASSES])
     add_tuning(bb.model, tune, num_classes=len(CLASSES), **kw)
-    mark_trainable(bb.model, tune, train_text=tune == "full" and classifier == "text")
+    mark_trainable(bb.model, tune, text=classifier == "text")
     head = text_head(bb.model, tokens) if classifier == "head" else None
     return bb, Towers(bb.model, head=head), tokens
 
@@ -69,20 +73,25 @@ def test_zero_initialised_modules_leave_the_outputs_unchanged(tune, single_threa
 
 
 def expected_trainable(tune: str, classifier: str, names: list[str]) -> set[str]:
-    """The parameter names each variant should train, written out from the rules in pipeline/peft.py."""
+    """The parameter names each variant should train, written out from the rules in pipeline/tuning.py."""
     image = {n for n in names if n.startswith("visual.")}
+    blocks = {n for n in image if n.startswith("visual.transformer.resblocks.")}
     norms = (".ln_pre.", ".ln_post.", ".ln_1.", ".ln_2.")
+    block_biases = ("attn.in_proj_bias", "attn.out_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias", "ln_1.bias",
+                    "ln_2.bias")
     rules = {
         "full": image if classifier == "head" else set(names) - {"logit_scale"},
-        "bias": {n for n in image if n.endswith("bias")
-                 or (n.endswith(".weight") and any(s in f".{n}" for s in norms))},
+        "bias-norm": {n for n in image if n.endswith("bias")
+                      or (n.endswith(".weight") and any(s in f".{n}" for s in norms))},
+        "bitfit": {n for n in blocks if n.endswith(block_biases)},
+        "layernorm": {n for n in blocks if n.endswith((".ln_1.weight", ".ln_1.bias", ".ln_2.weight", ".ln_2.bias"))},
         "lora": {n for n in image if ".parametrizations.in_proj_weight.0." in n},
         "adaptformer": {n for n in image if ".adaptformer." in n},
     }
     return rules[tune]
 
 
-@pytest.mark.parametrize("tune", ["full", "bias", "lora", "adaptformer"])
+@pytest.mark.parametrize("tune", TUNES)
 @pytest.mark.parametrize("classifier", ["text", "head"])
 def test_only_the_intended_parameters_receive_gradients(tune, classifier, single_thread):
     bb, towers, tokens = tiny_vit(tune, classifier=classifier)
@@ -102,10 +111,10 @@ def test_only_the_intended_parameters_receive_gradients(tune, classifier, single
         assert not any(n.startswith(("transformer.", "token_embedding", "ln_final")) for n in got)
 
 
-def test_bias_on_a_resnet_tower_trains_batchnorm_affine_and_biases():
+def test_bias_norm_on_a_resnet_tower_trains_batchnorm_affine_and_biases():
     seed_everything(0)
     model = create_model("ballad-tiny").model
-    mark_trainable(model, "bias", train_text=False)
+    mark_trainable(model, "bias-norm", text=False)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "visual.bn1.weight" in trained and "visual.bn1.bias" in trained and "visual.attnpool.q_proj.bias" in trained
     assert "visual.conv1.weight" not in trained and "visual.attnpool.q_proj.weight" not in trained
@@ -120,7 +129,7 @@ def test_lora_merged_checkpoint_gives_the_unmerged_outputs(tmp_path, single_thre
                 p.normal_(0, 0.5)
     x, _ = images()
     unmerged = encode(bb.model, x)
-    exported = export_state_dict(bb.model.state_dict())
+    exported = tuning("lora").export(bb.model.state_dict())
     assert not any("parametrizations" in k for k in exported)
     assert set(exported) == set(create_model("ballad-tiny-vit").model.state_dict())  # a plain open_clip state dict
     torch.save(exported, tmp_path / "final.pt")
@@ -136,7 +145,7 @@ def test_factory_rebuilds_adaptformer_from_the_checkpoint(tmp_path, single_threa
             if name.endswith("adaptformer.up.weight"):
                 p.normal_(0, 0.5)
     x, _ = images()
-    torch.save(export_state_dict(bb.model.state_dict()), tmp_path / "final.pt")
+    torch.save(tuning("adaptformer").export(bb.model.state_dict()), tmp_path / "final.pt")
     rebuilt = create_model("ballad-tiny-vit", pretrained=str(tmp_path / "final.pt")).model
     blocks = rebuilt.visual.transformer.resblocks
     assert all(isinstance(b, AdaptFormerBlock) and b.adaptformer.down.out_features == 4 for b in blocks)
@@ -161,7 +170,7 @@ def test_log_prior_and_the_logit_adjusted_loss_is_cross_entropy_of_shifted_logit
 
 
 def test_head_initialised_from_text_gives_the_zero_shot_logits(single_thread):
-    bb, towers, tokens = tiny_vit("bias", classifier="head")
+    bb, towers, tokens = tiny_vit("bias-norm", classifier="head")
     x, _ = images()
     towers.eval()
     with torch.no_grad():
@@ -178,14 +187,14 @@ def config(data, out, **kw) -> PhaseAConfig:
     return PhaseAConfig(data=str(data), out=str(out), **{**VIT, "batch_size": 32, "epochs": 2, **kw})
 
 
-@pytest.mark.parametrize("tune", ["lora", "adaptformer"])
+@pytest.mark.parametrize("tune", [name for name in TUNES if tuning(name).needs_blocks])
 def test_resnet_towers_refuse_transformer_tunes_in_one_line(small_data, tmp_path, tune):  # noqa: F811
     from click.testing import CliRunner
 
     from cli import main
 
     message = (f"--tune {tune}: needs transformer blocks in the image tower, and the model has a ResNet image "
-               "tower; use --tune full or --tune bias")
+               "tower; use --tune full or --tune bias-norm")
     with pytest.raises(UserError) as e:
         run_phase_a(config(small_data, tmp_path / "out", model="ballad-tiny", tune=tune))
     assert str(e.value) == message and not (tmp_path / "out").exists()
@@ -219,13 +228,12 @@ def test_cli_choices_and_defaults_are_the_stages(monkeypatch):
 
     from cli import main
     from cli.phase_a import phase_a
-    from pipeline.peft import TUNES
 
     params = {p.name: p for p in phase_a.params}
-    assert tuple(params["tune"].type.choices) == TUNES and tuple(params["classifier"].type.choices) == pa.CLASSIFIERS
-    assert tuple(params["loss"].type.choices) == pa.LOSSES
+    assert tuple(params["tune"].type.choices) == TUNES and tuple(params["classifier"].type.choices) == CLASSIFIERS
+    assert tuple(params["loss"].type.choices) == LOSSES
     seen = []
-    monkeypatch.setattr(pa, "run_phase_a", lambda cfg: seen.append(cfg) or "final.pt")
+    monkeypatch.setattr(par, "run_phase_a", lambda cfg: seen.append(cfg) or "final.pt")
     result = CliRunner().invoke(main, ["phase-a", "--data", "d", "--model", "m"])
     assert result.exit_code == 0, result.output
     assert seen == [PhaseAConfig(data="d", model="m")]  # every CLI default is the stage's
@@ -235,7 +243,7 @@ def test_head_run_writes_the_head_into_final_pt_and_extract_stores_it(small_data
                                                                      single_thread):
     import zarr
 
-    from stages.extract import extract
+    from stages.extract.run import extract
 
     out = tmp_path / "run"
     final = run_phase_a(config(small_data, out, epochs=1, schedule="standard", tune="adaptformer", classifier="head",
@@ -243,9 +251,13 @@ def test_head_run_writes_the_head_into_final_pt_and_extract_stores_it(small_data
     meta = json.loads(final.with_suffix(".json").read_text())
     assert meta["classifier"] == "head" and meta["head_key"] == HEAD_KEY and meta["loss"] == "logit-adjusted"
     assert meta["tuning"] == {"tune": "adaptformer", "adapter_width": 2, "adapter_width_rule": True, "blocks": 6,
+                              "module_params": meta["tuning"]["module_params"],
                               "trainable_params": meta["tuning"]["trainable_params"]}
     saved = torch.load(final, weights_only=True)
     head = saved[HEAD_KEY]
+    branches = sum(t.numel() for k, t in saved.items() if ".adaptformer." in k)
+    assert meta["tuning"]["module_params"] == branches > 0  # the branches alone, the text tower frozen
+    assert meta["tuning"]["trainable_params"] == branches + head.numel()
     last = torch.load(out / "last.pt", weights_only=True)["model"]
     assert torch.equal(head, last[HEAD_KEY])
     bb = create_model("ballad-tiny-vit", pretrained=str(final))
@@ -272,7 +284,7 @@ def test_head_run_writes_the_head_into_final_pt_and_extract_stores_it(small_data
 # Each case trains two epochs twice (whole, then cut and resumed); make test-fast keeps one: PEFT modules and a
 # head to restore.
 VARIANTS = [pytest.param("full", "text", "ce", marks=pytest.mark.slow),
-            pytest.param("bias", "head", "logit-adjusted", marks=pytest.mark.slow),
+            pytest.param("bias-norm", "head", "logit-adjusted", marks=pytest.mark.slow),
             ("lora", "head", "ce"),
             pytest.param("adaptformer", "text", "logit-adjusted", marks=pytest.mark.slow)]
 
@@ -284,19 +296,19 @@ def test_every_variant_resumes_to_the_uninterrupted_run(small_data, tmp_path, mo
                  loss=loss, lora_rank=4)
     whole = run_phase_a(cfg)
 
-    save = pa._Run._save_last
+    save = par.save_last
 
-    def killed_after_step_4(run):  # mid epoch 2: last.pt holds step 4, as after a kill
-        save(run)
-        if run.step == 4:
+    def killed_after_step_4(run, state):  # mid epoch 2: last.pt holds step 4, as after a kill
+        save(run, state)
+        if state.step == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pa._Run, "_save_last", killed_after_step_4)
+    monkeypatch.setattr(par, "save_last", killed_after_step_4)
     cut = dataclasses.replace(cfg, out=str(tmp_path / "cut"))
     with pytest.raises(KeyboardInterrupt):
         run_phase_a(cut)
     assert not (tmp_path / "cut" / "final.pt").exists()
-    monkeypatch.setattr(pa._Run, "_save_last", save)
+    monkeypatch.setattr(par, "save_last", save)
     resumed = run_phase_a(dataclasses.replace(cut, resume=True))
 
     assert param_digest(torch.load(resumed, weights_only=True)) == param_digest(torch.load(whole, weights_only=True))
@@ -324,3 +336,53 @@ def test_adaptformer_head_resumes_after_sigkill(small_data, tmp_path):  # noqa: 
     meta = json.loads((out / "final.json").read_text())
     assert meta["tuning"]["tune"] == "adaptformer" and meta["classifier"] == "head" and math.isclose(
         meta["config"]["la_tau"], 1.0)
+
+
+# -- LIFT's bias sets and the rank rule (issue 24) ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vit_b16():
+    """open_clip's ViT-B/16 built without weights (offline): the tower LIFT's counts are stated for."""
+    import open_clip
+
+    return open_clip.create_model("ViT-B-16", pretrained=None)
+
+
+@pytest.mark.parametrize("tune, count", [("bitfit", 101_376), ("layernorm", 36_864)])
+def test_lift_bias_sets_have_the_papers_counts_on_vit_b16(vit_b16, tune, count):
+    record = add_tuning(vit_b16, tune, num_classes=1000)
+    mark_trainable(vit_b16, tune, text=True)
+    trained = {n for n, p in vit_b16.named_parameters() if p.requires_grad}
+    assert record["module_params"] == count == sum(p.numel() for p in vit_b16.parameters() if p.requires_grad)
+    assert all(n.startswith("visual.transformer.resblocks.") for n in trained)  # not ln_pre / ln_post, no text
+    assert any(n.endswith("ln_2.bias") for n in trained)
+
+
+def test_bias_norm_is_the_union_of_the_lift_sets_and_more(vit_b16):
+    sets = {}
+    for tune in ("bias-norm", "bitfit", "layernorm"):
+        mark_trainable(vit_b16, tune, text=False)
+        sets[tune] = {n for n, p in vit_b16.named_parameters() if p.requires_grad}
+    assert sets["bitfit"] | sets["layernorm"] < sets["bias-norm"]
+    assert {"visual.ln_pre.weight", "visual.ln_post.bias"} <= sets["bias-norm"] - sets["bitfit"] - sets["layernorm"]
+
+
+def test_lora_rank_defaults_to_lifts_width_rule(single_thread):
+    seed_everything(0)
+    model = create_model("ballad-tiny-vit").model
+    blocks = len(model.visual.transformer.resblocks)
+    record = add_tuning(model, "lora", num_classes=30)
+    rank = lift_width(30, blocks)
+    assert record["lora_rank"] == rank and record["lora_rank_rule"] and record["lora_scaling"] == 1 / rank
+    width = model.visual.transformer.width
+    assert record["module_params"] == blocks * 4 * rank * width  # A and B for q and v in every block
+    assert add_tuning(create_model("ballad-tiny-vit").model, "lora", num_classes=30, lora_rank=3)["lora_rank"] == 3
+
+
+def test_every_tune_is_one_registry_entry_named_in_the_help():
+    from pipeline.tuning import REGISTRY, TUNE_HELP
+
+    assert TUNES == tuple(REGISTRY) and "bias" not in TUNES
+    assert all(f"{name}: " in TUNE_HELP for name in TUNES)
+    with pytest.raises(UserError, match=r"^--tune bias: choose one of full, bias-norm, "):
+        tuning("bias")

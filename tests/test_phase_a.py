@@ -16,7 +16,10 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from stages.phase_a import PhaseAConfig, Towers, param_digest, resume_state, run_phase_a, set_batchnorm, train_step
+from stages.phase_a.config import PhaseAConfig
+from stages.phase_a.model import Towers, param_digest, set_batchnorm, train_step
+from stages.phase_a.run import run_phase_a
+from stages.phase_a.state import last_checkpoint
 from test_images import HOSTILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +29,10 @@ TINY = dict(model="ballad-tiny", optimizer="adamw", lr=1e-3, weight_decay=0.05, 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """117 train images over 30 classes (8 → 2 per class) in 3 shards; ~4 s per epoch of ballad-tiny on CPU."""
-    from stages.prepare import prepare_synthetic
+    from stages.prepare.synthetic import SyntheticConfig, prepare_synthetic
 
-    return prepare_synthetic(tmp_path_factory.mktemp("pa") / "shapes", max_count=8, imbalance=4, test_per_class=1,
-                             val_per_class=1, shard_size=40)
+    return prepare_synthetic(SyntheticConfig(out=str(tmp_path_factory.mktemp("pa") / "shapes"), max_count=8,
+                                             imbalance=4, test_per_class=1, val_per_class=1, shard_size=40))
 
 
 def read_log(out: Path) -> list[dict]:
@@ -147,16 +150,16 @@ def test_text_chunks_give_the_same_loss_and_gradients(tiny_backbone, split):
 @pytest.mark.parametrize("variant", ["grad-checkpointing", "frozen text tower"])
 def test_text_chunks_with_checkpointing_and_a_frozen_text_tower(variant):
     from pipeline.models import create_model
-    from pipeline.peft import add_tuning, mark_trainable
+    from pipeline.tuning import add_tuning, mark_trainable
     from pipeline.text import tokenize_trimmed
 
     torch.manual_seed(0)
     bb = create_model("ballad-tiny-vit")
     if variant == "grad-checkpointing":
         bb.model.set_grad_checkpointing(True)
-    else:  # --tune bias: the text tower does not train, its chunks only bound the no-grad pass
-        add_tuning(bb.model, "bias", num_classes=10)
-        mark_trainable(bb.model, "bias", train_text=False)
+    else:  # --tune bias-norm: the text tower does not train, its chunks only bound the no-grad pass
+        add_tuning(bb.model, "bias-norm", num_classes=10)
+        mark_trainable(bb.model, "bias-norm", text=False)
     tokens = tokenize_trimmed(bb.tokenizer, [f"a photo of a {c} {i}." for c in ("fox", "red oak") for i in range(5)])
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 10, (6,), generator=g)
@@ -172,7 +175,7 @@ def test_text_chunks_with_checkpointing_and_a_frozen_text_tower(variant):
 
 def test_a_head_initialised_in_text_chunks_is_the_whole_one(tiny_backbone):
     from pipeline.text import tokenize_trimmed
-    from stages.phase_a import text_head
+    from stages.phase_a.model import text_head
 
     prompts = [f"a photo of a {c} {i}." for c in ("fox", "oak") for i in range(5)]
     tokens = tokenize_trimmed(tiny_backbone.tokenizer, prompts)
@@ -209,7 +212,7 @@ def create_model_state() -> dict[str, torch.Tensor]:
 
 
 def test_resumed_epoch_continues_the_same_sample_order(small_data, tiny_backbone):
-    from stages.phase_a_data import train_batches
+    from stages.phase_a.data import train_batches
     from store.shards import load_dataset
 
     urls = load_dataset(small_data).urls("train")
@@ -258,12 +261,12 @@ def test_train_writes_log_checkpoints_and_an_open_clip_state_dict(small_data, tm
     torch.save({**last, "step": 9}, unfinished)
     same = PhaseAConfig(data=str(small_data), out=str(out), epochs=2, batch_size=16, select="last", resume=True, **TINY)
     fingerprint = meta["dataset"]["fingerprint"]
-    assert resume_state(same, unfinished, fingerprint)["step"] == 9
+    assert last_checkpoint(same, unfinished, 14, fingerprint)["step"] == 9
     other = PhaseAConfig(data=str(small_data), out=str(out), epochs=2, batch_size=16, select="last", resume=True,
                          **{**TINY, "lr": 2e-3})
     with caplog.at_level(logging.WARNING, logger="ballad.phase_a"):
-        assert resume_state(other, unfinished, fingerprint) is None  # as after a params edit
-        assert resume_state(same, unfinished, "another dataset") is None
+        assert last_checkpoint(other, unfinished, 14, fingerprint) is None  # as after a params edit
+        assert last_checkpoint(same, unfinished, 14, "another dataset") is None
     assert "--lr 0.001 → 0.002" in caplog.text and "is another dataset" in caplog.text
 
 
@@ -405,7 +408,7 @@ def test_bad_input_gives_one_line_errors(small_data, tmp_path):
 
 
 def test_corrupt_samples_fail_or_are_skipped_and_counted_with_skip_bad(small_data, tmp_path, tiny_backbone):
-    from stages.phase_a_data import BadSampleCounter, train_batches
+    from stages.phase_a.data import BadSampleCounter, train_batches
     from store.shards import Sample, load_dataset, read_shard, write_shard
 
     data = copy_data(small_data, tmp_path / "corrupt")

@@ -23,7 +23,9 @@ from PIL import Image
 from cli import main
 from pipeline.errors import UserError
 from pipeline.runtime import sha256_file
-from stages.prepare import cifar_lt_counts, prepare_cifar100_lt, prepare_lists, prepare_synthetic
+from stages.prepare.cifar import CifarConfig, cifar_lt_counts, prepare_cifar100_lt
+from stages.prepare.lists import ListConfig, prepare_lists
+from stages.prepare.synthetic import SyntheticConfig, prepare_synthetic
 from store.shards import load_dataset, read_shard, verify_shards
 
 
@@ -34,7 +36,7 @@ def _all_samples(root: Path, split: str):
 
 @pytest.mark.slow  # renders the whole default demo set (2,911 images)
 def test_synthetic_profile_has_many_medium_few(tmp_path):
-    info = load_dataset(prepare_synthetic(tmp_path / "d", shard_size=500))
+    info = load_dataset(prepare_synthetic(SyntheticConfig(out=tmp_path / "d", shard_size=500)))
     counts = np.array(info.split("train").class_counts)
     assert (counts > 100).any() and ((counts >= 20) & (counts <= 100)).any() and (counts < 20).any()
     assert counts.max() / counts.min() == pytest.approx(100, rel=0.01)
@@ -45,7 +47,7 @@ def test_synthetic_profile_has_many_medium_few(tmp_path):
 
 def test_synthetic_is_deterministic_per_seed(tmp_path):
     kw = dict(max_count=30, imbalance=10, test_per_class=2, val_per_class=1, shard_size=64)
-    a, b, c = (prepare_synthetic(tmp_path / n, seed=s, **kw) for n, s in (("a", 0), ("b", 0), ("c", 1)))
+    a, b, c = (prepare_synthetic(SyntheticConfig(out=tmp_path / n, seed=s, **kw)) for n, s in (("a", 0), ("b", 0), ("c", 1)))
     shards = sorted(p.relative_to(a) for p in a.rglob("*.tar"))
     assert shards and all((a / s).read_bytes() == (b / s).read_bytes() for s in shards)
     assert (a / "train/shard-000000.tar").read_bytes() != (c / "train/shard-000000.tar").read_bytes()
@@ -86,7 +88,7 @@ def places_like(tmp_path):
 
 def test_list_round_trip_is_byte_identical(places_like, tmp_path):
     root, train, test = places_like
-    out = prepare_lists(tmp_path / "out", root, train, test)
+    out = prepare_lists(ListConfig(out=tmp_path / "out", root=root, train_list=train, test_list=test))
     info = load_dataset(out)
     assert info.classnames == ["air field", "bakery"] and info.name == "Places"
     samples = sorted(_all_samples(out, "train"), key=lambda s: s.key)
@@ -101,8 +103,8 @@ def test_list_classes_file_and_imagenet_names(places_like, tmp_path):
     root, train, test = places_like
     classes = tmp_path / "classes.txt"
     classes.write_text("airfield\nbakery shop\n")
-    assert load_dataset(prepare_lists(tmp_path / "a", root, train, test, classes=str(classes))).classnames[1] == "bakery shop"
-    names = load_dataset(prepare_lists(tmp_path / "b", root, train, test, classes="imagenet")).classnames
+    assert load_dataset(prepare_lists(ListConfig(out=tmp_path / "a", root=root, train_list=train, test_list=test, classes=str(classes)))).classnames[1] == "bakery shop"
+    names = load_dataset(prepare_lists(ListConfig(out=tmp_path / "b", root=root, train_list=train, test_list=test, classes="imagenet"))).classnames
     assert len(names) == 1000 and names[0] == "tench"
 
 
@@ -116,33 +118,33 @@ def test_list_bad_lines_name_file_and_line(places_like, tmp_path, line, message)
     bad = tmp_path / "bad.txt"
     bad.write_text("train/air_field/00000000.jpg 0\n" + line + "\n")
     with pytest.raises(UserError, match=rf"bad.txt:2: .*{message}"):
-        prepare_lists(tmp_path / "o", root, bad, test)
+        prepare_lists(ListConfig(out=tmp_path / "o", root=root, train_list=bad, test_list=test))
 
 
 def test_list_bad_inputs(places_like, tmp_path):
     root, train, test = places_like
     with pytest.raises(UserError, match="image root directory not found"):
-        prepare_lists(tmp_path / "o", tmp_path / "nope", train, test)
+        prepare_lists(ListConfig(out=tmp_path / "o", root=tmp_path / "nope", train_list=train, test_list=test))
     with pytest.raises(UserError, match="list file not found"):
-        prepare_lists(tmp_path / "o", root, tmp_path / "missing.txt", test)
+        prepare_lists(ListConfig(out=tmp_path / "o", root=root, train_list=tmp_path / "missing.txt", test_list=test))
     short = tmp_path / "short.txt"
     short.write_text("airfield\n")
     with pytest.raises(UserError, match="1 names but .* uses label 1"):
-        prepare_lists(tmp_path / "o", root, train, test, classes=str(short))
+        prepare_lists(ListConfig(out=tmp_path / "o", root=root, train_list=train, test_list=test, classes=str(short)))
     empty = _write_list(tmp_path / "empty.txt", [])
     with pytest.raises(UserError, match="empty.txt: list is empty"):
-        prepare_lists(tmp_path / "o", root, train, empty)
+        prepare_lists(ListConfig(out=tmp_path / "o", root=root, train_list=train, test_list=empty))
     missing = _write_list(tmp_path / "m.txt", [("val/zzz.jpg", 0)])
     with pytest.raises(UserError, match="image 'val/zzz.jpg' not found"):
-        prepare_lists(tmp_path / "o", root, train, missing)
+        prepare_lists(ListConfig(out=tmp_path / "o", root=root, train_list=train, test_list=missing))
 
 
 def test_corrupt_image_fails_unless_skip_bad(places_like, tmp_path):
     root, train, test = places_like
     (root / "train/bakery/00000001.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(UserError, match=r"00000001.jpg: unreadable image .*--skip-bad"):
-        prepare_lists(tmp_path / "o1", root, train, test)
-    info = load_dataset(prepare_lists(tmp_path / "o2", root, train, test, skip_bad=True))
+        prepare_lists(ListConfig(out=tmp_path / "o1", root=root, train_list=train, test_list=test))
+    info = load_dataset(prepare_lists(ListConfig(out=tmp_path / "o2", root=root, train_list=train, test_list=test, skip_bad=True)))
     assert info.split("train").skipped == ["train/bakery/00000001"]
     assert info.split("train").class_counts == [3, 1]
 
@@ -160,18 +162,18 @@ def test_list_decompression_bomb_is_one_line_and_max_pixels_applies(places_like,
         "pixels, above --max-pixels 89,478,485); pass --skip-bad to skip unreadable images"]
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o2"), "--max-pixels", "63", "--skip-bad"])
     assert result.exit_code != 0 and result.output.splitlines() == ["Error: split 'train': no readable images left"]
-    info = load_dataset(prepare_lists(tmp_path / "o3", root, train, test, skip_bad=True, max_pixels=64))
+    info = load_dataset(prepare_lists(ListConfig(out=tmp_path / "o3", root=root, train_list=train, test_list=test, skip_bad=True, max_pixels=64)))
     assert info.split("train").skipped == ["train/bakery/00000001"] and "--skip-bad --max-pixels 64" in info.command
     with pytest.raises(UserError, match=r"^--max-pixels 0: must be an integer at least 1$"):
-        prepare_lists(tmp_path / "o4", root, train, test, max_pixels=0)
+        prepare_lists(ListConfig(out=tmp_path / "o4", root=root, train_list=train, test_list=test, max_pixels=0))
 
 
 def test_output_dir_holding_another_dataset_is_refused(places_like, tmp_path):
     root, train, test = places_like
-    out = prepare_lists(tmp_path / "o", root, train, test)
+    out = prepare_lists(ListConfig(out=tmp_path / "o", root=root, train_list=train, test_list=test))
     with pytest.raises(UserError, match="holds another dataset"):
-        prepare_synthetic(out, max_count=10, test_per_class=1, val_per_class=1)
-    prepare_synthetic(out, max_count=10, test_per_class=1, val_per_class=1, overwrite=True)
+        prepare_synthetic(SyntheticConfig(out=out, max_count=10, test_per_class=1, val_per_class=1))
+    prepare_synthetic(SyntheticConfig(out=out, max_count=10, test_per_class=1, val_per_class=1, overwrite=True))
     assert load_dataset(out).name == "shapes-lt"
 
 
@@ -205,7 +207,7 @@ def test_cifar100_lt_counts(tmp_path):
     assert sum(cifar_lt_counts(100)) == 10847 and cifar_lt_counts(100)[0] == 500 and cifar_lt_counts(100)[-1] == 5
     archive = _fake_cifar(tmp_path / "cifar-100-python.tar.gz")
     # with only 6 images per class, the long-tailed counts are capped by what exists
-    info = load_dataset(prepare_cifar100_lt(tmp_path / "c", archive, imbalance=100, shard_size=200))
+    info = load_dataset(prepare_cifar100_lt(CifarConfig(out=tmp_path / "c", archive=archive, imbalance=100, shard_size=200)))
     expected = [min(6, n) for n in cifar_lt_counts(100)]
     assert info.split("train").class_counts == expected
     assert info.split("test").class_counts == [2] * 100
@@ -276,15 +278,15 @@ def test_interrupted_prepare_resumes_to_identical_shards(tmp_path):
     (["synthetic", "--imbalance", "inf"], "--imbalance inf: must be a finite ratio"),
     (["synthetic", "--imbalance", "0.5"], "--imbalance 0.5: must be a finite ratio n_max / n_min at least 1"),
     (["synthetic", "--shard-size", "0"], "--shard-size 0: must be an integer at least 1"),
-    (["synthetic", "--seed", "-1"], "--seed -1: must be an integer from 0 to 4294967295"),
+    (["synthetic", "--seed", "-1"], re.escape("--seed -1: must be a whole number in [0, 2^32)")),
     (["synthetic", "--max-count", "0"], "--max-count 0: must be an integer at least 1"),
     (["synthetic", "--test-per-class", "0"], "--test-per-class 0: must be an integer at least 1"),
     (["synthetic", "--val-per-class", "0"], "--val-per-class 0: must be an integer at least 1"),
     (["synthetic", "--image-size", "4"], "--image-size 4: must be an integer from 8 to 1024"),
     (["cifar100-lt", "--archive", "a.tar.gz", "--imbalance", "501"], "--imbalance 501.0: .* from 1 to 500"),
-    (["cifar100-lt", "--archive", "a.tar.gz", "--seed", "4294967296"], "--seed 4294967296: must be an integer"),
+    (["cifar100-lt", "--archive", "a.tar.gz", "--seed", "4294967296"], re.escape("--seed 4294967296: must be a whole number")),
     (["cifar100-lt", "--archive", "a.tar.gz", "--shard-size", "-5"], "--shard-size -5: must be an integer"),
-    (["list", "--root", "r", "--train-list", "a", "--test-list", "b", "--seed", "-2"], "--seed -2: must be an integer"),
+    (["list", "--root", "r", "--train-list", "a", "--test-list", "b", "--seed", "-2"], re.escape("--seed -2: must be a whole number")),
     (["list", "--root", "r", "--train-list", "a", "--test-list", "b", "--shard-size", "0"], "--shard-size 0: must be"),
     (["list", "--root", "r", "--train-list", "a", "--test-list", "b", "--name", " "], "--name ' ': must be a non-empty"),
 ])

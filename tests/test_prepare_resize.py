@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image, JpegImagePlugin
 
 from cli import main
-from stages.prepare import JPEG_QUALITY, ORIENTATION
+from stages.prepare.writer import JPEG_QUALITY, ORIENTATION
 from store.shards import load_dataset, read_shard
 from store.stream import decode_sample
 

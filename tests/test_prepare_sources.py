@@ -19,8 +19,10 @@ from PIL import Image
 from cli import main
 from pipeline.errors import UserError
 from pipeline.runtime import sha256_file
-from stages.phase_a_data import check_shards
-from stages.prepare import prepare_folder, prepare_index, prepare_synthetic
+from stages.phase_a.data import check_shards
+from stages.prepare.folder import FolderConfig, prepare_folder
+from stages.prepare.index import IndexConfig, prepare_index
+from stages.prepare.synthetic import SyntheticConfig, prepare_synthetic
 from store.shards import LabelKey, ShardURL, load_dataset, read_shard, verify_shards
 from store.stream import sample_stream
 from test_images import HOSTILE
@@ -65,7 +67,7 @@ FLAT = {"a_cat": 20, "dog": 10, "eel": 3}
 
 def test_folder_flat_layout_stratified_split_keeps_class_proportions(tmp_path):
     root = _tree(tmp_path / "pets", FLAT)
-    info = load_dataset(prepare_folder(tmp_path / "o", root, val_fraction=0.1, test_fraction=0.2, shard_size=8))
+    info = load_dataset(prepare_folder(FolderConfig(out=tmp_path / "o", root=root, val_fraction=0.1, test_fraction=0.2, shard_size=8)))
     assert info.classnames == ["a cat", "dog", "eel"] and info.name == "pets"
     # per class: round(0.2 n) to test, round(0.1 n) to val, the rest to train (eel: 0.6 → 1, 0.3 → 0)
     assert info.split("test").class_counts == [4, 2, 1]
@@ -81,7 +83,7 @@ def test_folder_flat_layout_stratified_split_keeps_class_proportions(tmp_path):
 
 def test_folder_split_is_deterministic_per_seed(tmp_path):
     root = _tree(tmp_path / "pets", FLAT)
-    a, b, c = (prepare_folder(tmp_path / n, root, seed=s, shard_size=8) for n, s in (("a", 3), ("b", 3), ("c", 4)))
+    a, b, c = (prepare_folder(FolderConfig(out=tmp_path / n, root=root, seed=s, shard_size=8)) for n, s in (("a", 3), ("b", 3), ("c", 4)))
     assert _files(a) == _files(b)
     assert _samples(a)["test"] != _samples(c)["test"]
     assert load_dataset(a).split("test").class_counts == load_dataset(c).split("test").class_counts == [4, 2, 1]
@@ -94,25 +96,25 @@ def test_folder_split_layout_keeps_the_given_splits(tmp_path):
     _tree(root / "test", {"ant": 2, "bee": 1})
     _tree(root / "val", {"bee": 1})
     (root / "train" / "ant" / "notes.txt").write_text("not an image: ignored, as ImageFolder does")
-    info = load_dataset(prepare_folder(tmp_path / "o", root))
+    info = load_dataset(prepare_folder(FolderConfig(out=tmp_path / "o", root=root)))
     assert {s: i.class_counts for s, i in info.splits.items()} == {"train": [4, 3], "test": [2, 1], "val": [0, 1]}
     assert [k for k, _ in _samples(info.root)["test"]] == ["test/ant/img_000", "test/ant/img_001", "test/bee/img_000"]
     # no val/ folder: --val-fraction draws val from train/, per class
     shutil.rmtree(root / "val")
-    info = load_dataset(prepare_folder(tmp_path / "o2", root, val_fraction=0.5))
+    info = load_dataset(prepare_folder(FolderConfig(out=tmp_path / "o2", root=root, val_fraction=0.5)))
     assert {s: i.class_counts for s, i in info.splits.items()} == {"train": [2, 1], "test": [2, 1], "val": [2, 2]}
     with pytest.raises(UserError, match="--test-fraction 0.1: .* has a test/ folder"):
-        prepare_folder(tmp_path / "o3", root, test_fraction=0.1)
+        prepare_folder(FolderConfig(out=tmp_path / "o3", root=root, test_fraction=0.1))
     _tree(root / "test", {"wasp": 1})
     with pytest.raises(UserError, match=r"test/wasp: class folder not in .*given/train$"):
-        prepare_folder(tmp_path / "o4", root)
+        prepare_folder(FolderConfig(out=tmp_path / "o4", root=root))
 
 
 def test_folder_classes_file_overrides_the_folder_names(tmp_path):
     root = _tree(tmp_path / "pets", FLAT)
     classes = tmp_path / "names.txt"
     classes.write_text("house cat\ndomestic dog\nmoray eel\n")
-    info = load_dataset(prepare_folder(tmp_path / "o", root, classes=str(classes)))
+    info = load_dataset(prepare_folder(FolderConfig(out=tmp_path / "o", root=root, classes=str(classes))))
     assert info.classnames == ["house cat", "domestic dog", "moray eel"]
     assert f"--classes {classes}" in info.command
     classes.write_text("house cat\ndomestic dog\n")
@@ -125,7 +127,7 @@ def test_folder_bad_image_fails_unless_skip_bad(tmp_path):
     (root / "dog" / "img_004.jpg").write_bytes(b"not a jpeg")
     _fails(r"^Error: .*dog/img_004.jpg: unreadable image \(unknown image format\); pass --skip-bad",
            "prepare", "folder", "--root", root, "--out", tmp_path / "o1")
-    info = load_dataset(prepare_folder(tmp_path / "o2", root, skip_bad=True))
+    info = load_dataset(prepare_folder(FolderConfig(out=tmp_path / "o2", root=root, skip_bad=True)))
     lost = [s for s, i in info.splits.items() if i.skipped == ["dog/img_004"]]
     assert len(lost) == 1 and sum(sum(i.class_counts) for i in info.splits.values()) == sum(FLAT.values()) - 1
 
@@ -155,7 +157,7 @@ def test_folder_max_pixels_is_checked_first_applies_to_every_image_and_is_record
     assert not (tmp_path / "o").exists()
     _fails(r"^Error: .*/img_0\d\d.jpg: unreadable image \(decompression bomb: 8×8 = 64 pixels, above --max-pixels "
            r"63\); pass --skip-bad to skip unreadable images$", *folder, "--out", tmp_path / "o", "--max-pixels", "63")
-    info = load_dataset(prepare_folder(tmp_path / "o2", root, max_pixels=64))
+    info = load_dataset(prepare_folder(FolderConfig(out=tmp_path / "o2", root=root, max_pixels=64)))
     assert sum(sum(i.class_counts) for i in info.splits.values()) == sum(FLAT.values())
     assert info.command.endswith(" --max-pixels 64")
 
@@ -189,7 +191,7 @@ def test_folder_bad_input_gives_one_line_errors(tmp_path):
     (["--val-fraction", "1"], "--val-fraction 1.0: must be a fraction from 0 to below 1"),
     (["--val-fraction", "-0.1"], "--val-fraction -0.1: must be a fraction"),
     (["--val-fraction", "0.5", "--test-fraction", "0.5"], r"--val-fraction 0.5 \+ --test-fraction 0.5: must add up"),
-    (["--seed", "-1"], "--seed -1: must be an integer"),
+    (["--seed", "-1"], re.escape("--seed -1: must be a whole number")),
     (["--shard-size", "0"], "--shard-size 0: must be an integer"),
     (["--name", " "], "--name ' ': must be a non-empty"),
 ])
@@ -204,7 +206,7 @@ def test_folder_options_are_checked_before_anything_is_read(tmp_path, args, mess
 def shapes(tmp_path_factory):
     """A small prepared dataset: 3 train shards, 1 test shard; and its class names file."""
     root = tmp_path_factory.mktemp("shapes")
-    out = prepare_synthetic(root / "ds", max_count=12, imbalance=4, test_per_class=1, val_per_class=1, shard_size=64)
+    out = prepare_synthetic(SyntheticConfig(out=root / "ds", max_count=12, imbalance=4, test_per_class=1, val_per_class=1, shard_size=64))
     assert len(load_dataset(out).split("train").shards) == 3
     names = root / "classes.txt"
     names.write_text("\n".join(load_dataset(out).classnames) + "\n")
@@ -214,8 +216,8 @@ def shapes(tmp_path_factory):
 def test_index_describes_our_own_shards_in_place(shapes, tmp_path):
     ds, names = shapes
     src = load_dataset(ds)
-    out = prepare_index(tmp_path / "idx", [f"train={ds}/train/shard-{{000000..000002}}.tar",
-                                           f"test={ds}/test/shard-000000.tar"], str(names))
+    out = prepare_index(IndexConfig(out=tmp_path / "idx", shards=[f"train={ds}/train/shard-{{000000..000002}}.tar",
+                                           f"test={ds}/test/shard-000000.tar"], classes=str(names)))
     info = load_dataset(out)
     assert not list(out.glob("**/*.tar"))  # nothing copied
     assert info.indexed and info.label_key == LabelKey("cls") and info.classnames == src.classnames
@@ -231,11 +233,11 @@ def test_index_describes_our_own_shards_in_place(shapes, tmp_path):
     assert raw["label_key"] == "cls" and raw["indexed"] is True and "val" not in raw["splits"]
     assert raw["command"].startswith("ballad-pipe prepare index --shards 'train=/")
     # the same shards described again give the same dataset; another description needs --overwrite
-    assert prepare_index(tmp_path / "idx", [f"train={ds}/train/shard-*.tar", f"test={ds}/test/shard-000000.tar"],
-                         str(names)) == out
+    assert prepare_index(IndexConfig(out=tmp_path / "idx", shards=[f"train={ds}/train/shard-*.tar", f"test={ds}/test/shard-000000.tar"],
+                         classes=str(names))) == out
     assert load_dataset(out).fingerprint == info.fingerprint
     with pytest.raises(UserError, match="holds another dataset"):
-        prepare_index(tmp_path / "idx", [f"train={ds}/train/shard-000000.tar"], str(names))
+        prepare_index(IndexConfig(out=tmp_path / "idx", shards=[f"train={ds}/train/shard-000000.tar"], classes=str(names)))
 
 
 def _write_tar(path: Path, samples, directory_entry: bool = True) -> None:
@@ -298,11 +300,11 @@ def test_index_reads_pipe_commands_and_http(foreign, server):
     shards, names, labels = foreign
     www, base = server
     shutil.copytree(shards, www / "foreign")
-    local = load_dataset(prepare_index(shards.parent / "local", [f"train={shards}/part-{{0..2}}.tar"], str(names),
-                                       label_key="json:label"))
+    local = load_dataset(prepare_index(IndexConfig(out=shards.parent / "local", shards=[f"train={shards}/part-{{0..2}}.tar"], classes=str(names),
+                                       label_key="json:label")))
     for pattern in (f"pipe:cat {shards}/part-{{0..2}}.tar", f"{base}/foreign/part-{{0..2}}.tar"):
-        described = prepare_index(shards.parent / "remote", [f"train={pattern}"], str(names), label_key="json:label",
-                                  overwrite=True)  # typed here, the commands run
+        described = prepare_index(IndexConfig(out=shards.parent / "remote", shards=[f"train={pattern}"], classes=str(names), label_key="json:label",
+                                  overwrite=True))  # typed here, the commands run
         info = load_dataset(described, allow_commands=True)
         s = info.split("train")
         assert s.class_counts == local.split("train").class_counts and s.shard_bytes == [None] * 3
@@ -312,8 +314,8 @@ def test_index_reads_pipe_commands_and_http(foreign, server):
         assert sorted(streamed) == sorted(lab for ls in labels for lab in ls)
     with pytest.raises(UserError, match=r"^pipe:cat .*part-0.tar: a shard command in .*dataset.json; run it only if "
                                         r"you trust that file: pass --allow-commands$"):
-        prepare_index(shards.parent / "remote", [f"train=pipe:cat {shards}/part-{{0..2}}.tar"], str(names),
-                      label_key="json:label", overwrite=True)
+        prepare_index(IndexConfig(out=shards.parent / "remote", shards=[f"train=pipe:cat {shards}/part-{{0..2}}.tar"], classes=str(names),
+                      label_key="json:label", overwrite=True))
         load_dataset(shards.parent / "remote").urls("train")  # read back without the reader's consent
 
 

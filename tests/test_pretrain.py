@@ -113,8 +113,8 @@ def test_checkpoint_loads_through_the_factory_like_any_local_checkpoint(tiny_run
 
     from pipeline.models import available_models, create_model
     from pipeline.runtime import sha256_file
-    from stages.extract_meta import read_checkpoint_meta
-    from stages.phase_a import batchnorm_mode
+    from stages.extract.meta import read_checkpoint_meta
+    from stages.phase_a.model import batchnorm_mode
 
     sd = state(tiny_run)
     meta = read_checkpoint_meta(tiny_run.parent / "final.json")  # every key as extract and verify check them
@@ -231,8 +231,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     (["--warmup", "10", "--steps", "10"], "--warmup 10: must be fewer than --steps 10"),
     (["--batch-size", "1"], "--batch-size 1: must be a whole number ≥ 2 (a contrastive batch needs two pairs)"),
     (["--batch-size", "64", "--corpus-size", "32"], "--batch-size 64: must be at most --corpus-size 32"),
-    (["--seed", "-1"], "--seed -1: must be a whole number ≥ 0"),
-    (["--seed", str(2**32)], "--seed 4294967296: must be a whole number in [0, 4294967295]"),
+    (["--seed", "-1"], "--seed -1: must be a whole number in [0, 2^32)"),
+    (["--seed", str(2**32)], "--seed 4294967296: must be a whole number in [0, 2^32)"),
     (["--eval-size", "0"], "--eval-size 0: must be a whole number ≥ 1"),
     (["--workers", "-1"], "--workers -1: must be a whole number ≥ 0"),
     (["--model", "ballad-tyni"], "--model ballad-tyni: unknown open_clip architecture; did you mean ballad-tiny"),

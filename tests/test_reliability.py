@@ -295,9 +295,9 @@ def test_concurrent_prepare_is_refused_and_runs_once_the_holder_is_killed(refere
 ])
 def test_write_error_mid_shard_is_one_line_naming_the_shard_and_the_rerun_resumes(reference, tmp_path, monkeypatch,
                                                                                    code, what):
-    import stages.prepare
+    import stages.prepare.writer
 
-    real, calls = stages.prepare.write_shard, []
+    real, calls = stages.prepare.writer.write_shard, []
 
     def failing(path, samples):
         """The third shard fails after two samples, as write() does: an OSError that names no file."""
@@ -310,7 +310,7 @@ def test_write_error_mid_shard_is_one_line_naming_the_shard_and_the_rerun_resume
         calls.append(path)
         return real(path, cut() if len(calls) == 3 else samples)
 
-    monkeypatch.setattr(stages.prepare, "write_shard", failing)
+    monkeypatch.setattr(stages.prepare.writer, "write_shard", failing)
     out = tmp_path / "shapes"
     line = one_line_error(CliRunner().invoke(main, PREPARE + ["--out", str(out)]))
     assert line.startswith(f"Error: {out / 'train' / 'shard-000002.tar'}: {what}; ")
@@ -324,16 +324,16 @@ def test_write_error_mid_shard_is_one_line_naming_the_shard_and_the_rerun_resume
 
 
 def test_disk_full_writing_dataset_json_names_it_and_the_rerun_resumes(reference, tmp_path, monkeypatch):
-    import stages.prepare
+    import stages.prepare.writer
 
-    real = stages.prepare.write_json
+    real = stages.prepare.writer.write_json
 
     def full_disk(path, obj):
         if Path(path).name == "dataset.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, obj)
 
-    monkeypatch.setattr(stages.prepare, "write_json", full_disk)
+    monkeypatch.setattr(stages.prepare.writer, "write_json", full_disk)
     out = tmp_path / "shapes"
     line = one_line_error(CliRunner().invoke(main, PREPARE + ["--out", str(out)]))
     assert line == (f"Error: {out / 'dataset.json'}: no space left on device; free some space and re-run the "
@@ -344,12 +344,12 @@ def test_disk_full_writing_dataset_json_names_it_and_the_rerun_resumes(reference
 
 
 def test_other_os_errors_are_bugs_and_keep_their_traceback(tmp_path, monkeypatch):
-    import stages.prepare
+    import stages.prepare.writer
 
     def broken(path, obj):
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
 
-    monkeypatch.setattr(stages.prepare, "write_json", broken)
+    monkeypatch.setattr(stages.prepare.writer, "write_json", broken)
     result = CliRunner().invoke(main, PREPARE + ["--out", str(tmp_path / "shapes")])
     assert isinstance(result.exception, OSError) and result.exception.errno == errno.EIO
 
@@ -561,7 +561,7 @@ def test_verify_checkpoint_directory(ckpt_dir, tmp_path, damage, problem):
 def bundle(tmp_path_factory, ckpt_dir, tiny_data):
     """An exported bundle (no adapter) of ckpt_dir's model, over a store of tiny_data's val split."""
     from stages.bundle import export
-    from stages.extract import extract
+    from stages.extract.run import extract
 
     root = tmp_path_factory.mktemp("bundle")
     extract(str(ckpt_dir / "final.pt"), tiny_data, root / "features.zarr", splits=["val"], batch_size=64, workers=0)

@@ -20,8 +20,8 @@ from click.testing import CliRunner
 import store.features as features
 from cli import main
 from pipeline.errors import UserError
-from stages.extract import extract
-from stages.prepare import prepare_synthetic
+from stages.extract.run import extract
+from stages.prepare.synthetic import SyntheticConfig, prepare_synthetic
 from store.features import FeatureStore, write_store
 from store.location import object_lock_url, write_lock
 
@@ -62,8 +62,8 @@ def _same_arrays(a, b) -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A small dataset: 3 train shards, 1 val and 1 test shard."""
-    return prepare_synthetic(tmp_path_factory.mktemp("data") / "ds", max_count=12, imbalance=4, test_per_class=1,
-                             val_per_class=1, shard_size=64)
+    return prepare_synthetic(SyntheticConfig(out=str(tmp_path_factory.mktemp("data") / "ds"), max_count=12, imbalance=4,
+                                             test_per_class=1, val_per_class=1, shard_size=64))
 
 
 @pytest.fixture(scope="module")

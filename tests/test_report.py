@@ -3,7 +3,7 @@ import json
 import pytest
 
 from pipeline.errors import UserError
-from stages.report import load_rows, render_table
+from stages.evaluate.report import load_rows, render_table
 
 
 def test_table_has_one_row_per_evaluated_model(tmp_path):

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from stages.samplers import VISIT, EpochSampler
+from stages.adapter.samplers import VISIT, EpochSampler
 
 # 5 classes with samples (500 down to 3) and one without: cycles of 5 classes, tail cycles of 3 samples
 LABELS = torch.repeat_interleave(torch.arange(6), torch.tensor([500, 120, 40, 9, 3, 0]))
@@ -130,3 +130,10 @@ def test_class_aware_matches_python_reimplementation(batch):
 def test_class_aware_is_seeded():
     assert torch_class_aware(24, 3, seed=0) == torch_class_aware(24, 3, seed=0)
     assert torch_class_aware(24, 3, seed=0) != torch_class_aware(24, 3, seed=1)
+
+
+def test_sampler_choices_are_the_registry():
+    from stages.adapter.samplers import SAMPLERS
+    from stages.adapter.train_config import TrainConfig
+
+    assert TrainConfig.__dataclass_fields__["sampler"].metadata["choices"] == tuple(SAMPLERS)

@@ -15,8 +15,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
 from bench.extract import jpeg
-from pipeline.models import build_transforms
 from pipeline.tensor_transforms import TensorTransform, color_jitter
+from pipeline.transforms import EVAL_TRANSFORMS, TRAIN_TRANSFORMS, build_transforms, eval_transform, train_transform
+from pipeline.views import tta_views
 
 BICUBIC = T.InterpolationMode.BICUBIC
 # |Δ| against the PIL path in 1/255 of the pixel range, measured on photo-like JPEGs: eval ≤ 1 level anywhere
@@ -24,6 +25,7 @@ BICUBIC = T.InterpolationMode.BICUBIC
 # jitter: float vs PIL's uint8 rounding after each step, torchvision's vs PIL's grey) ≤ 5 levels, 1.6 on average.
 EVAL_MAX, EVAL_MEAN = 1.0, 0.25
 TRAIN_MAX, TRAIN_MEAN = 6.0, 2.0
+CROP_MAX = 3.0  # random crops without jitter (bicubic ones enlarge more): ≤ 3 levels at a few pixels, eval's mean
 
 
 def photo(seed: int, width: int, height: int) -> bytes:
@@ -67,9 +69,10 @@ def test_draws_are_the_ones_the_pil_transform_makes(size):
         assert torch.equal(normalize(F.to_tensor(ref)), want), seed
 
 
+@pytest.mark.parametrize("recipe", list(EVAL_TRANSFORMS))
 @pytest.mark.parametrize("out", [224, 32])
-def test_eval_transform_is_the_pil_one_within_a_level(out):
-    _, evaluate = build_transforms(out)
+def test_eval_transform_is_the_pil_one_within_a_level(out, recipe):
+    evaluate = eval_transform(recipe, out)
     tensor = TensorTransform(evaluate)
     std = evaluate.transforms[-1].std
     raws = [photo(k, *size) for k, size in enumerate(SIZES)]
@@ -103,6 +106,44 @@ def test_train_transform_with_the_same_draws_is_the_pil_one_within_tolerance(jit
             params = tensor.draw(img.size)
             diff = levels(tensor([decoded(raw)], [params])[0], want, std)
             assert diff.max() <= most + 1e-3 and diff.mean() <= mean, (size, seed)
+
+
+@pytest.mark.parametrize("name", list(TRAIN_TRANSFORMS))
+def test_every_train_transform_with_the_same_draws_is_the_pil_one_within_tolerance(name):
+    train = train_transform(name, 224, epoch=1, epochs=3)
+    tensor = TensorTransform(train)
+    std = train.transforms[-1].std
+    jitter = any(isinstance(t, T.ColorJitter) for t in train.transforms)
+    most, mean = (TRAIN_MAX, TRAIN_MEAN) if jitter else (CROP_MAX, EVAL_MEAN)
+    for k, size in enumerate(SIZES[:3]):
+        raw = photo(20 + k, *size)
+        img = Image.open(io.BytesIO(raw))
+        for seed in range(6):
+            torch.manual_seed(seed)
+            want = train(img)
+            torch.manual_seed(seed)
+            params = tensor.draw(img.size)
+            got = tensor([decoded(raw)], [params])[0]
+            diff = levels(got, want, std)
+            assert diff.max() <= most + 1e-3 and diff.mean() <= mean, (size, seed)
+            # the tolerance catches the crop of another draw
+            torch.manual_seed(seed + 100)
+            other = tensor([decoded(raw)], [tensor.draw(img.size)])[0]
+            assert levels(other, want, std).mean() > 4 * mean
+
+
+@pytest.mark.parametrize("recipe", list(EVAL_TRANSFORMS))
+def test_test_time_views_on_tensors_are_the_pil_ones_within_a_level(recipe):
+    views = tta_views(eval_transform(recipe, 224), "five-crop", recipe)
+    finish = TensorTransform(views.finish)
+    std = views.finish.transforms[-1].std
+    raw = photo(30, 500, 375)
+    want = views(Image.open(io.BytesIO(raw)))
+    got = finish(views.crops(decoded(raw)))
+    assert got.shape == want.shape == (5, 3, 224, 224)
+    diff = levels(got, want, std)
+    assert diff.max() <= EVAL_MAX + 1e-3 and diff.mean() <= EVAL_MEAN
+    assert levels(got.roll(1, 0), want, std).mean() > 4 * EVAL_MEAN  # the views in their order
 
 
 def _box(out: torch.Tensor, width: int, height: int):

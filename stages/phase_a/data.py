@@ -7,12 +7,12 @@ taken, so every rank takes the same number of steps however unevenly the shards 
 run skips, without decoding, the samples its epoch had already used; the order it then sees is the
 one the interrupted run would have seen when the number of ranks and workers is unchanged.
 With ``--decode gpu`` the workers only read and draw each image's augmentation (store/stream.py), and
-each micro-batch is decoded and augmented on the GPU in the main process (``DeviceDecode``).
+each micro-batch is decoded and augmented on the GPU in the main process (``DeviceDecode``). A loader
+worker's UserError (an unreadable image) reaches the run as its one line (``one_line``).
 """
 from __future__ import annotations
 
 import multiprocessing
-import os
 import tarfile
 from pathlib import Path
 
@@ -20,15 +20,6 @@ from pipeline.errors import UserError
 from pipeline.images import MAX_PIXELS
 from store.shards import DATASET_FILE, local_path, split_member
 from store.stream import collate_encoded, decode_batch, sample_stream
-
-MAX_DEFAULT_WORKERS = 4
-
-
-def default_workers() -> int:
-    """DataLoader workers per process by default: 4, or fewer on a machine with fewer usable cores
-    (PyTorch warns when a loader has more workers than the process may run on)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(MAX_DEFAULT_WORKERS, cores)
 
 
 def check_shards(info, split: str) -> list[str]:
@@ -185,3 +176,16 @@ class DeviceDecode:
         keep, images = decode_batch(keys, encoded, self.device, self.skip_bad, self.on_bad, self.max_pixels)
         return (tuple(keys[i] for i in keep), self.transform(images, [encoded.params[i] for i in keep]),
                 labels[keep])
+
+
+def loader_error(e: UserError) -> UserError:
+    """A DataLoader worker's UserError comes back with its traceback in the message: the one line that matters."""
+    return UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1])
+
+
+def one_line(batches):
+    """``batches`` from a DataLoader, a worker's UserError (an unreadable image) raised as its one line."""
+    try:
+        yield from batches
+    except UserError as e:
+        raise loader_error(e) from None

@@ -16,7 +16,7 @@ from pipeline.schedule import SCHEDULES
 from pipeline.tuning import TUNES
 from pipeline.validate import COUNT, SHA256, TEXT, Field, check
 from pipeline.text import ENSEMBLE_TEMPLATES, template_problem
-from stages.extract_config import ExtractConfig
+from stages.extract.config import ExtractConfig
 from store.features import FORMAT, LOGIT_SCALE, MAYBE_TEXT, TEMPLATES, make_fingerprint
 
 # final.json as phase-a and pretrain write it beside final.pt (pipeline/validate.py). extract reads the

@@ -1,7 +1,7 @@
 """extract's image side: whole shards read into batches by loader workers, finished on the model's device.
 
 Loader worker w reads shards w, w + W, … through the webdataset chain (store/stream.py); a batch never
-crosses a shard and always starts at its first sample, so stages/extract.py computes a shard alike in
+crosses a shard and always starts at its first sample, so stages/extract/run.py computes a shard alike in
 any process, run or resume. Where the pixels are made is ``--decode``'s choice, one class each:
 
 - ``WorkerPixels`` (cpu): workers decode with PIL and run the transforms up to uint8 HWC
@@ -14,7 +14,6 @@ of train images, or test-time views of the others (pipeline/views.py).
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -26,12 +25,6 @@ from pipeline.tensor_transforms import TensorTransform
 from pipeline.views import TEST_VIEWS, TrainViews, tta_views
 from store.features import TTA, VIEWS, ExtraViews
 from store.stream import decode_batch, encode_batch, sample_stream
-
-
-def default_workers() -> int:
-    """Loader processes per rank: the cores left beside each local rank's own process, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
 def extra_views(split: str, train_views: int, test_views: str) -> ExtraViews | None:

@@ -3,7 +3,7 @@
 Each process (one, or one per torchrun rank) takes a contiguous range of every split's shards and
 stages one file per finished shard inside the store; then all processes write disjoint chunks of the
 split's arrays from those files. Batches never cross a shard and always start at its first sample
-(stages/extract_data.py), so a shard's features are the same whichever process, run or resume
+(stages/extract/data.py), so a shard's features are the same whichever process, run or resume
 computes them.
 
 Besides the eval-transform feature of every image, the store can hold extra views of each image:
@@ -14,8 +14,8 @@ A train view's randomness is a pure function of (``--view-seed``, sample key, vi
 too are the same whichever process, run or resume computes them.
 
 ``--decode`` picks where images are decoded and transformed: in the loader workers (cpu) or on the
-model's GPU (gpu); see stages/extract_data.py. Options: stages/extract_config.py; what the store
-records about its making: stages/extract_meta.py.
+model's GPU (gpu); see stages/extract/data.py. Options: stages/extract/config.py; what the store
+records about its making: stages/extract/meta.py.
 """
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.images import MAX_PIXELS
 from pipeline.options import none_to_null
-from stages.extract_config import ExtractConfig
-from stages.extract_data import DevicePixels, WorkerPixels, default_workers, extra_views, make_loader
-from stages.extract_meta import resolve_checkpoint, resolve_templates, store_attrs
+from pipeline.shared_options import default_workers
+from stages.extract.config import ExtractConfig
+from stages.extract.data import DevicePixels, WorkerPixels, extra_views, make_loader
+from stages.extract.meta import resolve_checkpoint, resolve_templates, store_attrs
 from store.features import SplitWriter, create_store, write_text
 from store.stream import decode_on_device
 
@@ -56,7 +57,7 @@ def extract(ckpt: str | None, data, out, **options) -> dict:
 
     cfg = ExtractConfig(ckpt=none_to_null(ckpt), data=data, out=out, **options)
     cfg.check()
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    workers = default_workers(8, per_rank=True, spare=1) if cfg.workers is None else cfg.workers
     dataset = load_dataset(data, allow_commands=cfg.allow_commands)
     splits = cfg.split_list() or list(dataset.splits)
     urls = {split: dataset.urls(split) for split in splits}  # names the missing split or shard
@@ -78,16 +79,7 @@ def extract(ckpt: str | None, data, out, **options) -> dict:
             attrs = store_attrs(backbone, dataset, ckpt_path, pretrained, cfg, template_list,
                                 {split: "gpu" if on_device[split] else "cpu" for split in splits})
 
-            def create():
-                from pipeline.encode import text_embeddings
-
-                # Phase A --classifier head: its trained classifier, not the prompts, holds the class embeddings
-                head = backbone.class_head(dataset.num_classes)
-                group = create_store(out, {**attrs, "classifier": "text" if head is None else "head"}, cfg.overwrite)
-                emb, prompts = text_embeddings(backbone, dataset.classnames, template_list, dev)
-                write_text(group, emb if head is None else head, prompts, template_list)
-
-            on_main(dist, create)
+            on_main(dist, lambda: _create(out, backbone, dataset, attrs, template_list, dev, cfg.overwrite))
             import zarr
 
             group = zarr.open_group(str(out), mode="r+")
@@ -99,6 +91,17 @@ def extract(ckpt: str | None, data, out, **options) -> dict:
             return done
     finally:
         cleanup(dist)
+
+
+def _create(out, backbone, dataset, attrs: dict, template_list: list[str], dev, overwrite: bool) -> None:
+    """The store with its attributes and the class text embeddings (main process only)."""
+    from pipeline.encode import text_embeddings
+
+    # Phase A --classifier head: its trained classifier, not the prompts, holds the class embeddings
+    head = backbone.class_head(dataset.num_classes)
+    group = create_store(out, {**attrs, "classifier": "text" if head is None else "head"}, overwrite)
+    emb, prompts = text_embeddings(backbone, dataset.classnames, template_list, dev)
+    write_text(group, emb if head is None else head, prompts, template_list)
 
 
 def on_main(dist, fn: Callable[[], object]) -> None:

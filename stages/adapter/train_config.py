@@ -3,49 +3,44 @@
 Kept free of torch so that the command line builds its options from it without importing torch
 (``ballad-pipe --help`` stays fast). Each field's metadata (pipeline/options.py) names its command-line
 flag, so the CLI, the checks' error messages and the adapter file's config all use the same names. The
-defaults are the authors' code; every departure is a choice here.
+defaults are the authors' code; every departure is a choice here. The options Phase A shares (seed,
+schedule, select) come from pipeline/shared_options.py; the samplers from stages/adapter/samplers.py's
+registry; the loss and its parameters from pipeline/losses.py's (``loss_options``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 
+from pipeline import shared_options as shared
 from pipeline.errors import UserError
-from pipeline.options import INT_MAX, check_choices, check_finite, check_ints, option
-from pipeline.schedule import SCHEDULES, check_epochs
+from pipeline.losses import check_loss, loss_options
+from pipeline.options import DEVICE, DEVICE_HELP, INT_MAX, check_choices, check_finite, check_ints, option
+from pipeline.schedule import check_epochs
+from stages.adapter.samplers import SAMPLERS
 
-SAMPLERS = ("class-aware", "class-balanced", "sqrt", "instance", "progressive")
 FORMS = ("linear", "relu")
 POSITIONS = ("visual", "text", "both")
-SELECTS = ("auto", "best-val", "last")
-LOSSES = ("ce", "logit-adjusted")
 VIEWS = ("auto", "all", "none")
 
 
 @dataclass(frozen=True)
+@loss_options
 class TrainConfig:
     lam: float = option(0.2, "--lambda", "Residual factor λ in [0, 1]: f* = λ·A(f) + (1 − λ)·f.")
     epochs: int = option(10, "--epochs", "Training epochs.")
     lr: float = option(0.2, "--lr", "SGD learning rate, annealed per epoch along a cosine to 0 (--schedule).")
     batch_size: int = option(512, "--batch-size", "Samples per step; an epoch is ⌊N / batch⌋ steps.")
-    sampler: str = option("class-aware", "--sampler",
-                          "Phase B sampling (paper Table 8); class-aware: the authors' ClassAwareSampler.", SAMPLERS)
+    sampler: str = option("class-aware", "--sampler", "Phase B sampling (paper Table 8); class-aware: the authors' "
+                                                      "ClassAwareSampler.", tuple(SAMPLERS))
     form: str = option("linear", "--form", "linear: W f (the authors' code); relu: ReLU(Wᵀf + b) (paper Eq. 5).",
                        FORMS)
     position: str = option("visual", "--position", "Which embeddings the adapter refines (paper Table 6).",
                            POSITIONS)
-    seed: int = option(0, "--seed", "Seed of the adapter's initialisation and of the sampler.")
+    seed: int = shared.seed("Seed of the adapter's initialisation and of the sampler.")
     momentum: float = option(0.9, "--momentum", "SGD momentum, in [0, 1).")
     weight_decay: float = option(5e-4, "--weight-decay", "SGD weight decay, ≥ 0.")
-    schedule: str = option("authors", "--schedule",
-                           "authors: the cosine stepped at the start of each epoch (first epoch below the full lr, "
-                           "last at 0); standard: stepped at the end (full lr first, never 0).", SCHEDULES)
-    select: str = option("auto", "--select",
-                         "Which epoch's weights to keep. best-val: the best top-1 on the store's val split "
-                         "(the authors); last: the last epoch; auto: best-val when the store has a complete "
-                         "val split, else last.", SELECTS)
-    loss: str = option("ce", "--loss", "ce: cross-entropy (the authors); logit-adjusted: cross-entropy of the "
-                                       "logits + τ·log(train class prior), in training only (LIFT).", LOSSES)
-    la_tau: float = option(1.0, "--la-tau", "τ of --loss logit-adjusted, ≥ 0.")
+    schedule: str = shared.schedule()
+    select: str = shared.select("the store")
     views: str = option("auto", "--views",
                         "all: every draw takes a random one of the sample's augmented train views (`extract "
                         "--train-views`), as the authors augment every draw; none: the eval-transform feature; "
@@ -54,14 +49,13 @@ class TrainConfig:
     def check(self) -> None:
         """Every option in range, before any work starts: a one-line UserError naming the flag."""
         check_ints(self, (("epochs", 1, INT_MAX, "must be a whole number ≥ 1"),
-                          ("batch_size", 1, INT_MAX, "must be a whole number ≥ 1"),
-                          ("seed", 0, INT_MAX, "must be a whole number in [0, 2^63)")))
+                          ("batch_size", 1, INT_MAX, "must be a whole number ≥ 1"), shared.SEED_RULE))
         check_finite(self, (("lam", 0 <= self.lam <= 1, "must be in [0, 1]"),
                             ("lr", self.lr > 0, "must be finite and > 0"),
                             ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
-                            ("weight_decay", self.weight_decay >= 0, "must be finite and ≥ 0"),
-                            ("la_tau", self.la_tau >= 0, "must be finite and ≥ 0")))
-        check_choices(self, ("sampler", "form", "position", "schedule", "select", "loss", "views"))
+                            ("weight_decay", self.weight_decay >= 0, "must be finite and ≥ 0")))
+        check_choices(self, ("sampler", "form", "position", "schedule", "select", "views"))
+        check_loss(self)
         check_epochs(self)
 
     def resolved_views(self, num_views: int, source: str = "the feature store") -> str:
@@ -74,10 +68,19 @@ class TrainConfig:
         return self.views
 
     def resolved_select(self, has_val: bool, source: str = "the feature store") -> str:
-        """``best-val`` or ``last``: ``auto`` is ``best-val`` exactly when validation features exist."""
-        if self.select == "best-val" and not has_val:
-            raise UserError(f"--select best-val: no complete 'val' split in {source}; extract it "
-                            "(`ballad-pipe extract … --splits val`) or pass --select last")
-        if self.select == "auto":
-            return "best-val" if has_val else "last"
-        return self.select
+        """``best-val`` or ``last`` (pipeline/shared_options.py): ``auto`` is ``best-val`` exactly when
+        ``source`` has complete validation features."""
+        return shared.resolved_select(self.select, has_val, source)
+
+    def train_part(self) -> TrainConfig:
+        """The Phase B settings alone (a command's config extends this one with its inputs and outputs):
+        what the adapter file records and what training reads."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterConfig(TrainConfig):
+    """`ballad-pipe adapter`'s options: the Phase B settings, the store it trains from, the file it writes."""
+    features: str = option(MISSING, "--features", "Feature store (`ballad-pipe extract`).", path="any")
+    out: str = option(MISSING, "--out", "Adapter file, e.g. models/adapter.pt.", path="file")
+    device: str = option(DEVICE, "--device", DEVICE_HELP)

@@ -9,9 +9,21 @@ import json
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.runtime import atomic_path
+from stages.evaluate_config import ReportConfig
 
 ROWS = (("zero_shot", "zero-shot"), ("phase_a", "Phase A"), ("ballad", "BALLAD (Phase A + B)"))
 COLUMNS = (("many", "many"), ("medium", "medium"), ("few", "few"), ("top1", "all"), ("top5", "top-5"))
+
+
+def report(cfg: ReportConfig) -> str:
+    """The table of ``cfg.reports``, also written to ``cfg.out`` when it names a file."""
+    cfg.check()
+    table = render_table(load_rows(cfg.reports))
+    if cfg.out:
+        with atomic_path(cfg.out) as tmp:
+            tmp.write_text(table + "\n")
+    return table
 
 
 def load_rows(reports: str | Path, rows=ROWS) -> list[tuple[str, dict]]:

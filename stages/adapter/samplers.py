@@ -21,15 +21,112 @@ loop. Classes without train samples are never drawn.
 - ``instance``: a fresh permutation each epoch, like the plain shuffled loader.
 - ``progressive``: class probability (1 − t/T)·n_c/N + (t/T)/K at epoch t of T (Kang et al. 2020),
   the paper's "mix-balanced".
+
+Each sampler is one entry of ``SAMPLERS`` (``@register``): a function that, given the ``EpochSampler``
+(labels, counts, generator), returns its ``draw(n, t, total)`` of n sample indices for epoch t of T; its
+name is a ``--sampler`` choice (stages/adapter/train_config.py reads them). So that the config reads
+the names without torch, torch is imported inside the functions.
 """
 from __future__ import annotations
 
-import torch
+from typing import Callable
 
 from pipeline.errors import UserError
-from stages.adapter_config import SAMPLERS
 
 VISIT = 4  # consecutive draws per class visit in the authors' ClassAwareSampler
+
+SAMPLERS: dict[str, Callable] = {}
+
+
+def register(name: str):
+    """Adds the decorated function (``EpochSampler`` → ``draw(n, t, total)``) to ``SAMPLERS`` as ``name``."""
+    def add(make):
+        SAMPLERS[name] = make
+        return make
+    return add
+
+
+class EpochSampler:
+    """One epoch of ``steps × batch_size`` draws at a time, by the registered sampler ``name``."""
+
+    def __init__(self, name: str, labels, num_classes: int, batch_size: int, generator):
+        import torch
+
+        if name not in SAMPLERS:
+            raise UserError(f"--sampler {name}: choose one of {', '.join(SAMPLERS)}")
+        self.labels, self.gen = labels, generator
+        self.counts = torch.bincount(labels, minlength=num_classes)
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+        self.order = torch.argsort(labels, stable=True)  # sample indices grouped by class
+        self.present = (self.counts > 0).to(torch.float64)
+        self.steps = max(1, len(labels) // batch_size)
+        self.batch_size = batch_size
+        self.draw = SAMPLERS[name](self)
+
+    def epoch(self, t: int, total: int):
+        """Indices for epoch ``t`` of ``total`` as a [steps, batch_size] tensor on the labels' device.
+
+        Successive calls continue the ``class-aware`` cycles, so call it once per epoch, in order.
+        """
+        return self.draw(self.steps * self.batch_size, t, total).view(self.steps, self.batch_size)
+
+
+@register("instance")
+def instance(s: EpochSampler):
+    import torch
+
+    def draw(n: int, t: int, total: int):
+        perm = torch.randperm(len(s.labels), generator=s.gen, device=s.labels.device)
+        return perm.repeat(n // len(perm) + 1)[:n]  # batch > N: wrap around like a repeated loader
+    return draw
+
+
+@register("class-aware")
+def class_aware(s: EpochSampler):
+    import torch
+
+    sizes = s.counts[s.counts > 0]  # the cycles run over the classes that have samples
+    class_cycle = Cycles(torch.arange(len(sizes), device=s.labels.device), sizes.new_tensor([len(sizes)]), s.gen)
+    sample_cycles = Cycles(s.order, sizes, s.gen)
+
+    def draw(n: int, t: int, total: int):
+        visits = -(-n // VISIT)
+        cls = class_cycle.take(class_cycle.sizes.new_tensor([visits]))  # class (cycle group) per visit
+        per_class = torch.bincount(cls, minlength=len(sample_cycles.sizes))
+        samples = sample_cycles.take(VISIT * per_class)  # class by class, each in draw order
+        # the r-th visit of a class this epoch takes that class's draws VISIT·r … VISIT·r + VISIT − 1
+        by_class = torch.argsort(cls, stable=True)
+        rank = torch.empty_like(cls)
+        first_visit = torch.cumsum(per_class, 0) - per_class
+        rank[by_class] = torch.arange(visits, device=cls.device) - first_visit[cls[by_class]]
+        first = VISIT * (first_visit[cls] + rank)
+        return samples[(first[:, None] + torch.arange(VISIT, device=cls.device)).flatten()[:n]]
+    return draw
+
+
+def by_class(probs: Callable):
+    """A sampler that draws a class from ``probs(sampler, t, total)`` [K] (float64), then one of its samples
+    uniformly, every draw independent (with replacement)."""
+    def make(s: EpochSampler):
+        import torch
+
+        def draw(n: int, t: int, total: int):
+            classes = torch.multinomial(probs(s, t, total), n, replacement=True, generator=s.gen)
+            # float64: a float32 draw times a large count can round up to the count itself
+            u = torch.rand(n, generator=s.gen, device=classes.device, dtype=torch.float64)
+            return s.order[s.offsets[classes] + (u * s.counts[classes]).long()]
+        return draw
+    return make
+
+
+def balanced(s: EpochSampler):
+    return s.present / s.present.sum()
+
+
+register("class-balanced")(by_class(lambda s, t, total: balanced(s)))
+register("sqrt")(by_class(lambda s, t, total: s.counts.double().sqrt() / s.counts.double().sqrt().sum()))
+register("progressive")(by_class(lambda s, t, total: (1 - t / total) * s.counts.double() / s.counts.double().sum()
+                                 + (t / total) * balanced(s)))
 
 
 class Cycles:
@@ -42,6 +139,8 @@ class Cycles:
 
     def __init__(self, items: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator):
         """``items``: the groups' items one group after another; ``sizes``: each group's item count (> 0)."""
+        import torch
+
         self.items, self.sizes, self.gen = items, sizes, generator
         self.starts = torch.cumsum(sizes, 0) - sizes
         groups = torch.arange(len(sizes), device=sizes.device)
@@ -51,6 +150,8 @@ class Cycles:
 
     def take(self, counts: torch.Tensor) -> torch.Tensor:
         """The next ``counts[g]`` items of each group ``g``: group 0's in draw order, then group 1's, …"""
+        import torch
+
         size, dev = self.sizes, self.sizes.device
         groups = torch.arange(len(size), device=dev)
         fresh = ((self.pos + counts - 1) // size).clamp_min(0)  # cycles that begin during this take
@@ -77,63 +178,3 @@ class Cycles:
         self.perm = stream[last + torch.arange(len(self.items), device=dev) - self.starts[self.group]]
         self.pos = self.pos + counts - fresh * size
         return drawn
-
-
-class EpochSampler:
-    def __init__(self, name: str, labels: torch.Tensor, num_classes: int, batch_size: int,
-                 generator: torch.Generator):
-        if name not in SAMPLERS:
-            raise UserError(f"--sampler {name}: choose one of {', '.join(SAMPLERS)}")
-        self.name, self.labels, self.gen = name, labels, generator
-        self.counts = torch.bincount(labels, minlength=num_classes)
-        self.offsets = torch.cumsum(self.counts, 0) - self.counts
-        self.order = torch.argsort(labels, stable=True)  # sample indices grouped by class
-        self.present = (self.counts > 0).to(torch.float64)
-        self.steps = max(1, len(labels) // batch_size)
-        self.batch_size = batch_size
-        if name == "class-aware":
-            sizes = self.counts[self.counts > 0]  # the cycles run over the classes that have samples
-            self.class_cycle = Cycles(torch.arange(len(sizes), device=labels.device), sizes.new_tensor([len(sizes)]),
-                                      generator)
-            self.sample_cycles = Cycles(self.order, sizes, generator)
-
-    def epoch(self, t: int, total: int) -> torch.Tensor:
-        """Indices for epoch ``t`` of ``total`` as a [steps, batch_size] tensor on the labels' device.
-
-        Successive calls continue the ``class-aware`` cycles, so call it once per epoch, in order.
-        """
-        n = self.steps * self.batch_size
-        if self.name == "instance":
-            perm = torch.randperm(len(self.labels), generator=self.gen, device=self.labels.device)
-            idx = perm.repeat(n // len(perm) + 1)[:n]  # batch > N: wrap around like a repeated loader
-        elif self.name == "class-aware":
-            idx = self._class_aware(n)
-        else:
-            classes = torch.multinomial(self._class_probs(t, total), n, replacement=True, generator=self.gen)
-            # float64: a float32 draw times a large count can round up to the count itself
-            u = torch.rand(n, generator=self.gen, device=classes.device, dtype=torch.float64)
-            idx = self.order[self.offsets[classes] + (u * self.counts[classes]).long()]
-        return idx.view(self.steps, self.batch_size)
-
-    def _class_probs(self, t: int, total: int) -> torch.Tensor:
-        counts = self.counts.to(torch.float64)
-        balanced = self.present / self.present.sum()
-        if self.name == "class-balanced":
-            return balanced
-        if self.name == "sqrt":
-            return counts.sqrt() / counts.sqrt().sum()
-        mix = t / total
-        return (1 - mix) * counts / counts.sum() + mix * balanced
-
-    def _class_aware(self, n: int) -> torch.Tensor:
-        visits = -(-n // VISIT)
-        cls = self.class_cycle.take(self.class_cycle.sizes.new_tensor([visits]))  # class (cycle group) per visit
-        per_class = torch.bincount(cls, minlength=len(self.sample_cycles.sizes))
-        samples = self.sample_cycles.take(VISIT * per_class)  # class by class, each in draw order
-        # the r-th visit of a class this epoch takes that class's draws VISIT·r … VISIT·r + VISIT − 1
-        by_class = torch.argsort(cls, stable=True)
-        rank = torch.empty_like(cls)
-        first_visit = torch.cumsum(per_class, 0) - per_class
-        rank[by_class] = torch.arange(visits, device=cls.device) - first_visit[cls[by_class]]
-        first = VISIT * (first_visit[cls] + rank)
-        return samples[(first[:, None] + torch.arange(VISIT, device=cls.device)).flatten()[:n]]
