@@ -62,7 +62,7 @@ def lt_split(n: int, num_classes: int, dim: int, seed: int = 0):
 
 def write(path, splits: dict, text: torch.Tensor):
     """A feature store at ``path`` holding ``splits`` {name: (features, labels)}; train must be one."""
-    from store.features import write_store
+    from store.feature_writer import write_store
 
     k = len(text)
     return write_store(path, image={s: f.numpy() for s, (f, _) in splits.items()},

@@ -29,7 +29,8 @@ from pipeline.runtime import autocast
 from stages.extract.run import run_shards
 from stages.extract.data import WorkerPixels, make_loader
 from stages.prepare.writer import Spec, write_dataset
-from store.features import FORMAT, SplitWriter, create_store
+from store.features import FORMAT
+from store.feature_writer import SplitWriter, create_store
 from store.shards import load_dataset
 
 DISTINCT = 64  # distinct JPEGs, cycled over the samples: decoding costs the same, generating far less

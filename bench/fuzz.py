@@ -59,8 +59,8 @@ def build(root: Path) -> Fixtures:
     from PIL import Image
 
     from stages.adapter import train_adapter
-    from stages.adapter.train_config import TrainConfig
-    from stages.bundle import export
+    from stages.adapter.config import TrainConfig
+    from stages.bundle.run import export
     from stages.extract.run import extract
     from stages.phase_a import run_phase_a
     from stages.phase_a.config import PhaseAConfig
@@ -292,7 +292,7 @@ def _store_reads_back(result, out: Path) -> str | None:
 
 
 def _bundle_reads_back(result, out: Path) -> str | None:
-    from stages.bundle import read_meta
+    from stages.bundle.run import read_meta
 
     read_meta(out)
     return None

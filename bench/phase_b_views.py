@@ -26,7 +26,8 @@ SIZES = {
 
 
 def run(quick: bool, device) -> dict:
-    from store.features import FeatureStore, write_store
+    from store.features import FeatureStore
+    from store.feature_writer import write_store
 
     size = sizes(SIZES, quick, device)
     k, d = data.IMAGENET_LT["classes"], data.IMAGENET_LT["dim"]

@@ -1,13 +1,13 @@
 """`ballad-pipe adapter`: Phase B from the feature store → models/adapter.pt.
 
-The options are built from ``AdapterConfig``'s fields (stages/adapter/train_config.py, torch-free): the
+The options are built from ``AdapterConfig``'s fields (stages/adapter/config.py, torch-free): the
 Phase B settings (``TrainConfig``), the store and the output file, each with its flag, default, choices
 and help; nothing is repeated here.
 """
 import click
 
 from cli.options import config_options
-from stages.adapter.train_config import AdapterConfig
+from stages.adapter.config import AdapterConfig
 
 
 @click.command()

@@ -1,17 +1,17 @@
 """`ballad-pipe export` and `predict`: a self-contained bundle, and top-k classes of image files with it.
 
-The options are built from the config dataclasses of stages/bundle_config.py (torch-free)."""
+The options are built from the config dataclasses of stages/bundle/config.py (torch-free)."""
 import click
 
 from cli.options import config_options
-from stages.bundle_config import ExportConfig, PredictConfig
+from stages.bundle.config import ExportConfig, PredictConfig
 
 
 @click.command()
 @config_options(ExportConfig)
 def export(**options):
     """One directory with the model, adapter, class names and text embeddings; refuses mismatched parts."""
-    from stages.bundle import export as run
+    from stages.bundle.run import export as run
 
     cfg = ExportConfig(**options)
     meta = run(cfg.ckpt, cfg.adapter, cfg.features, cfg.out)
@@ -33,7 +33,7 @@ def predict(inputs, **options):
 
     from pipeline.errors import UserError
     from pipeline.images import SKIP_BAD_HINT
-    from stages.bundle import Bundle, image_files, predict_files, read_classes
+    from stages.bundle.run import Bundle, image_files, predict_files, read_classes
 
     cfg = PredictConfig(**options)
     cfg.check()

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import yaml
 
-from cli.project import DVC_YAML, expand, program_command
+from cli.project import DVC_YAML, PARAMS_YAML, expand, program_command
 from pipeline.provenance import PACKAGES, ROOT, code_files
 from pipeline.runtime import atomic_path
 
@@ -38,10 +38,10 @@ def wanted(stage: dict, deps: list[str]) -> list[str]:
     return [d for d in deps if not is_code(d)] + list(code_files(command))
 
 
-def stale(doc: dict) -> list[str]:
+def stale(doc: dict, params: dict) -> list[str]:
     """The stages (foreach expanded) whose code deps are not those their command runs, each with why."""
     out = []
-    for name, stage in expand(doc.get("stages") or {}).items():
+    for name, stage in expand(doc.get("stages") or {}, params).items():
         deps = stage.get("deps") or []
         if sorted(deps) != sorted(wanted(stage, deps)):
             extra = sorted(set(deps) - set(wanted(stage, deps)))
@@ -89,13 +89,14 @@ def main(write: bool, path: str) -> None:
     path = Path(path)
     text = path.read_text()
     doc = yaml.safe_load(text)
-    problems = stale(doc)
+    params = yaml.safe_load((path.parent / PARAMS_YAML).read_text())
+    problems = stale(doc, params)
     if not write:
         click.echo("\n".join(problems) or f"{path}: every stage's code deps are the files it runs")
         sys.exit(1 if problems else 0)
     new = rewritten(text, doc)
     check_same_but_deps(doc, yaml.safe_load(new))
-    if stale(yaml.safe_load(new)):
+    if stale(yaml.safe_load(new), params):
         raise click.ClickException(f"{path}: a deps list is not in `deps:` + `  - item` lines; left as it was")
     if new != text:
         with atomic_path(path) as tmp:

@@ -1,12 +1,12 @@
 """`ballad-pipe evaluate`, `sweep` and `neighbors`: scoring from the feature store.
 
-Each command's options are built from its config dataclass (stages/evaluate_config.py, torch-free),
+Each command's options are built from its config dataclass (stages/evaluate/config.py, torch-free),
 which holds their flags, defaults, choices and help: nothing is repeated here.
 """
 import click
 
 from cli.options import config_options
-from stages.evaluate_config import EvaluateConfig, NeighborsConfig, SweepConfig
+from stages.evaluate.config import EvaluateConfig, NeighborsConfig, SweepConfig
 
 
 def _fmt(value):

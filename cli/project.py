@@ -85,17 +85,18 @@ def render(text: str, context: dict, where: str, partial: bool = False) -> str:
 
 
 def substituted(node, context: dict, where: str):
-    """Every string in ``node`` (a dvc.yaml stage) rendered from ``context``, partially."""
+    """Every string in ``node`` (a dvc.yaml stage), keys too, rendered from ``context``, partially."""
     if isinstance(node, dict):
-        return {k: substituted(v, context, where) for k, v in node.items()}
+        return {substituted(k, context, where): substituted(v, context, where) for k, v in node.items()}
     if isinstance(node, list):
         return [substituted(v, context, where) for v in node]
     return render(node, context, where, partial=True) if isinstance(node, str) else node
 
 
-def expand(stages: dict) -> dict[str, dict]:
+def expand(stages: dict, params: dict) -> dict[str, dict]:
     """dvc.yaml's stages, each ``foreach`` expanded into NAME@KEY as DVC names them (``${item...}`` and
-    ``${key}`` substituted; params are left for ``render``). ``matrix`` stages are left out."""
+    ``${key}`` substituted; params are left for ``render``); a ``foreach: ${section}`` iterates over
+    ``params``' section. ``matrix`` stages are left out."""
     out = {}
     for name, stage in stages.items():
         if "matrix" in stage:
@@ -104,6 +105,15 @@ def expand(stages: dict) -> dict[str, dict]:
             out[name] = stage
             continue
         items = stage["foreach"]
+        if isinstance(items, str):
+            expr = EXPR.fullmatch(items.strip())
+            try:
+                items = lookup(params, expr.group(1)) if expr else None
+            except (KeyError, IndexError, ValueError, TypeError):
+                items = None
+            if not isinstance(items, (dict, list)):
+                raise UserError(f"{DVC_YAML}: stage '{name}': foreach {stage['foreach']} is not a list or a "
+                                f"section of {PARAMS_YAML}")
         pairs = items.items() if isinstance(items, dict) else ((str(i), i) for i in items)
         for key, item in pairs:
             out[f"{name}@{key}"] = substituted(stage["do"], {"item": item, "key": key}, f"{DVC_YAML}: {name}@{key}")
@@ -175,7 +185,7 @@ def candidates(name: str, command: click.Command, path: tuple[str, ...], root: P
     """The stages of ``root``'s dvc.yaml running ``name`` (``command``) + ``path``: their option values."""
     params = read_yaml(root / PARAMS_YAML)
     found = {}
-    for stage_name, stage in expand(read_yaml(root / DVC_YAML).get("stages") or {}).items():
+    for stage_name, stage in expand(read_yaml(root / DVC_YAML).get("stages") or {}, params).items():
         if program_command(stage.get("cmd")) != name or stage.get("wdir", ".") not in (".", "./"):
             continue
         where = f"{DVC_YAML}: stage '{stage_name}'"

@@ -2,7 +2,7 @@
 import click
 
 from cli.options import config_options
-from stages.evaluate_config import ReportConfig
+from stages.evaluate.config import ReportConfig
 
 
 @click.command()

@@ -2,7 +2,7 @@
 import click
 
 from cli.options import config_options
-from stages.verify_config import VerifyConfig
+from stages.verify.config import VerifyConfig
 
 
 @click.command()
@@ -16,7 +16,7 @@ def verify(path):
     rebuilds what is damaged; exits 0 only when every check passed.
     """
     from pipeline.errors import UserError
-    from stages.verify import verify as run
+    from stages.verify.run import verify as run
 
     cfg = VerifyConfig(path)
     kind, findings = run(cfg.path)

@@ -1,5 +1,5 @@
 """Images and prompts → the features a feature store holds, computed one way for ``extract`` and for
-``predict`` (stages/bundle.py), so that a bundle rounds features exactly as the store does.
+``predict`` (stages/bundle/run.py), so that a bundle rounds features exactly as the store does.
 
 ``split_transform`` cuts an eval or train transform where loader workers hand over to the model's
 device: workers stop at uint8 HWC tensors, and ``normalised`` scales and normalises each batch on

@@ -131,6 +131,8 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", *, colo
     """
     import torch
 
+    from pipeline.heads import head_widths
+
     open_clip = _open_clip()
     check_model_name(name)
     if pretrained is not None and _looks_like_path(pretrained) and not os.path.exists(pretrained):
@@ -151,7 +153,7 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", *, colo
     tokenizer = _tokenizer(name)
     with torch.no_grad():
         embed_dim = int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
-    if head is not None and (head.dim() != 2 or head.shape[1] != embed_dim):
+    if head is not None and (head.dim() != 2 or head.shape[1] not in head_widths(model, embed_dim)):
         raise UserError(f"{pretrained}: its classifier head is {tuple(head.shape)}, the model embeds in "
                         f"{embed_dim} dimensions")
     return Backbone(name=name, pretrained=pretrained, model=model, train_transform=train_tf,
@@ -175,7 +177,7 @@ def load_checkpoint(model, path: str, name: str):
     from pipeline.tuning import REGISTRY
 
     try:
-        if str(path).endswith(".safetensors"):  # a bundle's model.safetensors (stages/bundle.py)
+        if str(path).endswith(".safetensors"):  # a bundle's model.safetensors (stages/bundle/run.py)
             from safetensors.torch import load_file
 
             sd = load_file(path)

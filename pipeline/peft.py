@@ -18,6 +18,16 @@ Written for open_clip's towers (facts in the LIFT notes; this is our own impleme
   (pipeline/models.py, through the registry's ``rebuild``) recognises its tensors in a checkpoint and
   rebuilds the branches before loading.
 
+- Adapter (``--tune adapter``, LIFT+'s ``adapter``): Houlsby's sequential bottleneck on each block's MLP
+  output m, m + up(ReLU(down(LN(m)))), before the residual add, as LIFT+'s ``PEFT_MLP`` places it; the
+  same branch as AdaptFormer's without the scale (LIFT+ draws the down-projection from
+  ``kaiming_uniform_``, we keep LIFT's ``kaiming_normal_`` for both), up-projection zero, so training
+  starts at the pretrained model. Rebuilt on load like AdaptFormer.
+
+``--tune-blocks k`` limits every block method to the last k blocks (LIFT+'s ``*_layers`` as an int);
+the width rules then count those k blocks, as LIFT+'s code does (``len(layers)``). VPT lives in
+pipeline/vpt.py, SSF in pipeline/ssf.py.
+
 ``HEAD_KEY`` names the trained classifier of ``--classifier head`` in a checkpoint (stages/phase_a/).
 Kept free of stage imports: the factory uses it.
 """
@@ -38,10 +48,15 @@ HEAD_KEY = "classifier_head.weight"  # Phase A --classifier head: the trained cl
 _LORA_KEY = ".parametrizations.in_proj_weight."
 
 
+def power_of_two_below(x: float) -> int:
+    """2^max(0, ⌊log2 x⌋): the shape of LIFT's and LIFT+'s automatic widths."""
+    return 2 ** max(0, int(math.log2(x)))
+
+
 def lift_width(num_classes: int, num_blocks: int) -> int:
     """LIFT's default bottleneck width 2^max(0, ⌊log2(K / 2L)⌋): ViT-B/16 (L = 12) gives 32 for
     ImageNet-LT, 8 for Places-LT, 4 for CIFAR-100-LT."""
-    return 2 ** max(0, int(math.log2(num_classes / (2 * num_blocks))))
+    return power_of_two_below(num_classes / (2 * num_blocks))
 
 
 def blocks_refusal(tune: str, tower: str) -> UserError:
@@ -73,6 +88,22 @@ def image_blocks(visual, tune: str) -> nn.ModuleList:
     return blocks
 
 
+def tuned_indices(visual, tune: str, count: int | None) -> list[int]:
+    """The indices of the blocks ``tune`` works on: the last ``count`` (``--tune-blocks``), or all when None."""
+    total = len(image_blocks(visual, tune))
+    if count is None:
+        return list(range(total))
+    if not 1 <= count <= total:
+        raise UserError(f"--tune-blocks {count}: must be between 1 and the image tower's {total} blocks")
+    return list(range(total - count, total))
+
+
+def indices_holding(state: dict, marker: str) -> list[int]:
+    """The image-tower blocks whose tensors in ``state`` include ``marker`` (".adaptformer.", ".ssf."…)."""
+    prefix = "visual.transformer.resblocks."
+    return sorted({int(k[len(prefix):].split(".", 1)[0]) for k in state if k.startswith(prefix) and marker in k})
+
+
 # ---------------------------------------------------------------- LoRA
 class LowRankQV(nn.Module):
     """A parametrization of ``nn.MultiheadAttention.in_proj_weight`` [3d, d] (rows q, k, v):
@@ -97,10 +128,11 @@ class LowRankQV(nn.Module):
         return torch.cat([weight[:d] + scaling * (b_q @ a_q), weight[d:2 * d], weight[2 * d:] + scaling * (b_v @ a_v)])
 
 
-def add_lora(model, rank: int) -> None:
-    """Put a ``LowRankQV`` on every image-tower block's attention input projection."""
-    for block in image_blocks(model.visual, "lora"):
-        attn = block.attn
+def add_lora(model, rank: int, indices: list[int] | None = None) -> None:
+    """Put a ``LowRankQV`` on the attention input projection of the image-tower blocks ``indices`` (all: None)."""
+    blocks = image_blocks(model.visual, "lora")
+    for i in range(len(blocks)) if indices is None else indices:
+        attn = blocks[i].attn
         w = attn.in_proj_weight
         parametrize.register_parametrization(attn, "in_proj_weight",
                                              LowRankQV(w.shape[1], rank, dtype=w.dtype, device=w.device))
@@ -120,10 +152,10 @@ def merge_lora(state: dict) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- AdaptFormer
-class AdaptFormer(nn.Module):
-    """The bottleneck branch: s · up(ReLU(down(LN(x)))), zero at initialisation. ``like`` is the block
-    it joins: its LayerNorm class and dtypes (fp32 LayerNorm beside fp16 weights, as open_clip's)."""
+# ---------------------------------------------------------------- AdaptFormer and Adapter
+class Adapter(nn.Module):
+    """The bottleneck branch up(ReLU(down(LN(x)))), zero at initialisation. ``like`` is the block it joins:
+    its LayerNorm class and dtypes (fp32 LayerNorm beside fp16 weights, as open_clip's)."""
 
     def __init__(self, like: ResidualAttentionBlock, width: int):
         super().__init__()
@@ -132,17 +164,27 @@ class AdaptFormer(nn.Module):
         self.ln = type(like.ln_2)(dim, dtype=ln.dtype, device=ln.device)
         self.down = nn.Linear(dim, width, dtype=w.dtype, device=w.device)
         self.up = nn.Linear(width, dim, dtype=w.dtype, device=w.device)
-        self.scale = nn.Parameter(torch.ones(1, dtype=w.dtype, device=w.device))
         nn.init.kaiming_normal_(self.down.weight, a=math.sqrt(5))
         for t in (self.down.bias, self.up.weight, self.up.bias):
             nn.init.zeros_(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(F.relu(self.down(self.ln(x)))) * self.scale
+        return self.up(F.relu(self.down(self.ln(x))))
+
+
+class AdaptFormer(Adapter):
+    """Adapter's branch times s, a learnable scalar starting at 1 (LIFT's AdaptFormer)."""
+
+    def __init__(self, like: ResidualAttentionBlock, width: int):
+        super().__init__(like, width)
+        self.scale = nn.Parameter(torch.ones(1, dtype=self.up.weight.dtype, device=self.up.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
 
 
 class AdaptFormerBlock(ResidualAttentionBlock):
-    """open_clip's block with AdaptFormer's branch beside its MLP; ``add_adaptformer`` turns a built block
+    """open_clip's block with AdaptFormer's branch beside its MLP; ``add_bottleneck`` turns a built block
     into one, keeping its tensors and their names. Image-tower blocks are self-attention, so the
     cross-attention inputs open_clip's signature carries are always None here."""
 
@@ -151,22 +193,37 @@ class AdaptFormerBlock(ResidualAttentionBlock):
         return x + self.ls_2(self.mlp(self.ln_2(x))) + self.adaptformer(x)
 
 
-def add_adaptformer(model, width: int) -> None:
-    """Give every image-tower block an AdaptFormer branch of ``width``; blocks that already have one
-    (a checkpoint trained with it) keep theirs when the width is the same."""
-    for block in image_blocks(model.visual, "adaptformer"):
-        if isinstance(block, AdaptFormerBlock):
-            if block.adaptformer.down.out_features != width:
-                raise UserError(f"--adapter-width {width}: the model already has AdaptFormer branches of width "
-                                f"{block.adaptformer.down.out_features}")
+class AdapterBlock(ResidualAttentionBlock):
+    """open_clip's block with the sequential adapter on its MLP's output (before the residual add)."""
+
+    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
+        x = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
+        m = self.mlp(self.ln_2(x))
+        return x + self.ls_2(m + self.adapter(m))
+
+
+BOTTLENECKS = {"adaptformer": (AdaptFormer, AdaptFormerBlock), "adapter": (Adapter, AdapterBlock)}
+
+
+def add_bottleneck(model, kind: str, width: int, indices: list[int]) -> None:
+    """Give the image-tower blocks ``indices`` a ``kind`` branch ("adaptformer" or "adapter") of ``width``;
+    blocks that already have one (a checkpoint trained with it) keep theirs when the width is the same."""
+    module, block_class = BOTTLENECKS[kind]
+    blocks = image_blocks(model.visual, kind)
+    for i in indices:
+        block = blocks[i]
+        if isinstance(block, block_class):
+            if getattr(block, kind).down.out_features != width:
+                raise UserError(f"--adapter-width {width}: the model already has {kind} branches of width "
+                                f"{getattr(block, kind).down.out_features}")
             continue
-        block.add_module("adaptformer", AdaptFormer(block, width))
-        block.__class__ = AdaptFormerBlock
+        block.add_module(kind, module(block, width))
+        block.__class__ = block_class
 
 
-def adaptformer_width(state: dict) -> int | None:
-    """The AdaptFormer width of a checkpoint's tensors, or None when it has no AdaptFormer branches."""
+def bottleneck_width(state: dict, kind: str) -> int | None:
+    """The width of a checkpoint's ``kind`` branches, or None when it has none."""
     for key, value in state.items():
-        if key.startswith("visual.") and key.endswith(".adaptformer.down.weight"):
+        if key.startswith("visual.") and key.endswith(f".{kind}.down.weight"):
             return int(value.shape[0])
     return None

@@ -3,8 +3,10 @@
 ``code_files(command)`` is every project file the ``ballad-pipe`` command imports, transitively: its
 module in cli/ (with cli/__init__.py and every package ``__init__`` on the way), what it imports at
 module level and inside functions (the CLI imports stage modules inside its command functions), and the
-files those modules load by name (``LOADS``: data files, modules imported through importlib). Third-party modules are not project files. It is computed
-from the source text, not by importing, so it names the same files on every machine, torch or not.
+files those modules load by name (``LOADS``: data files, modules imported through importlib).
+Third-party modules are not project files. It is computed from the source text, not by importing, so it
+names the same files on every machine, torch or not; once per process, as the code a run loaded when
+it started is the code that runs.
 
 Two consumers use the one set, so a code change re-runs and restarts exactly what it touches:
 

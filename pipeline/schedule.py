@@ -11,7 +11,7 @@ once, for both phases' configs: ``check_epochs`` refuses a run in which every ep
 ``note_zero_lr`` says which epochs are, as one INFO line when training starts. A note, not a warning:
 with the authors' schedule that is always the last epoch, on every default run, as the authors' code
 does and the help of ``--schedule`` says; a warning there would be noise that teaches users to
-ignore warnings. (Pretraining's per-step schedule, stages/pretrain.py ``lr_at``, has no such step:
+ignore warnings. (Pretraining's per-step schedule, stages/pretrain/run.py ``lr_at``, has no such step:
 its warm-up starts above 0 and its cosine reaches 0 only after the last step.)
 """
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 Each function returns a fresh dataclass field (pipeline/options.py's ``option``) for a config to hold,
 so a choice list, a default or a range exists once however many commands carry it: the seed's range,
-Phase A's and Phase B's epoch selection, their schedule, their training loss and τ, and the default
-number of worker processes. Torch-free, like every config.
+Phase A's and Phase B's epoch selection, their schedule, Phase A's and extract's train and eval
+transforms (pipeline/transforms.py's registries), and the default number of worker processes.
+Torch-free, like every config. The training loss and its parameters are pipeline/losses.py's
+(``loss_options``).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import MISSING
 from pipeline.errors import UserError
 from pipeline.options import option
 from pipeline.schedule import SCHEDULES
+from pipeline.transforms import EVAL_TRANSFORMS, TRAIN_TRANSFORMS
 
 # numpy's RandomState (the CIFAR recipe's) and torch's DataLoader generators take seeds below 2**32;
 # every command takes the same range, so a seed that works for one stage works for all.
@@ -20,7 +23,6 @@ SEED_MAX = 2**32 - 1
 SEED_RULE = ("seed", 0, SEED_MAX, "must be a whole number in [0, 2^32)")
 
 SELECTS = ("auto", "best-val", "last")
-LOSSES = ("ce", "logit-adjusted")
 
 SCHEDULE_HELP = ("authors: the cosine stepped at the start of each epoch (the first epoch below --lr, the last "
                  "at 0); standard: stepped at its end (the first at --lr, never 0).")
@@ -43,18 +45,21 @@ def select(source: str):
                                       f"{source} has a val split, else last.", SELECTS)
 
 
-def loss():
-    """``--loss``: the training loss of Phase A and Phase B alike."""
-    return option("ce", "--loss", "ce: cross-entropy (BALLAD); logit-adjusted: cross-entropy of the logits + "
-                                  "τ·log(train class prior), in training only (LIFT).", LOSSES)
+def train_transform(help: str):
+    """``--train-transform``: a recipe of pipeline/transforms.py's ``TRAIN_TRANSFORMS``, default ballad;
+    ``help`` says what the command uses it for."""
+    return option("ballad", "--train-transform", help + " ballad: the authors' crop (scale 0.5–1, bicubic), flip "
+                                                        "and colour jitter; lift: LIFT's crop (0.08–1, bilinear) and "
+                                                        "flip; mda: LIFT+'s square crop whose least area rises with "
+                                                        "the epoch (--mda-schedule).", tuple(TRAIN_TRANSFORMS))
 
 
-def la_tau():
-    """``--la-tau``: τ of the logit-adjusted loss."""
-    return option(1.0, "--la-tau", "τ of --loss logit-adjusted, ≥ 0.")
-
-
-LA_TAU_RULE = "must be 0 or more and finite"
+def eval_transform(help: str):
+    """``--eval-transform``: a recipe of pipeline/transforms.py's ``EVAL_TRANSFORMS``, default ballad."""
+    return option("ballad", "--eval-transform", help + " ballad: Resize(s, bicubic) + CenterCrop(s), the authors'; "
+                                                      "lift: Resize(8s/7, bilinear), LIFT's; lift-plus: Resize(s + "
+                                                      "s/7, bicubic), LIFT+'s; test-time views resize to s + 24 "
+                                                      "(ballad: s + 24s/224).", tuple(EVAL_TRANSFORMS))
 
 
 def resolved_select(choice: str, has_val: bool, source: str) -> str:

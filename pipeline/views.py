@@ -1,6 +1,6 @@
 """Extra views of an image, beside its eval-transform one: seeded train-transform views and LIFT's
 test-time views. ``extract`` stores both kinds (stages/extract_data.py); ``predict --tta`` computes the
-test-time ones (stages/bundle.py). Torch is imported only where a view is made, so the option checks
+test-time ones (stages/bundle/run.py). Torch is imported only where a view is made, so the option checks
 (``TEST_VIEWS``, ``check_test_views``) stay torch-free.
 
 - Train views: the authors' Phase B runs the frozen backbone on a fresh augmentation at every draw,

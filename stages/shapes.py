@@ -6,7 +6,7 @@ when that class has only a handful of images. That is the situation BALLAD's tex
 Images get background noise, colour jitter and random position and size, and every image is a pure
 function of (seed, split, index), so any shard can be regenerated on its own.
 
-The same module generates the *pretraining corpus* (``corpus_sample``, used by stages/pretrain.py):
+The same module generates the *pretraining corpus* (``corpus_sample``, used by stages/pretrain/run.py):
 captioned images ("a small red triangle on a striped background") over more colours (10) and shapes
 (8) than the demo's 6 × 5, with size, position, background pattern and clutter as described
 attributes. Its style differs from the demo's the way web images differ from a downstream set

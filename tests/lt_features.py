@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from store.features import write_store
+from store.feature_writer import write_store
 
 
 def lt_counts(num_classes: int, max_count: int, imbalance: float) -> np.ndarray:

@@ -22,7 +22,7 @@ from pipeline.errors import UserError
 from stages.adapter import CosineCrossEntropy, TrainConfig, fit, load_adapter, train_adapter
 from stages.evaluate.run import evaluate as run_evaluate
 from stages.evaluate.sweep import sweep as run_sweep
-from stages.evaluate_config import EvaluateConfig, SweepConfig
+from stages.evaluate.config import EvaluateConfig, SweepConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 FAST = dict(batch_size=64)  # the synthetic store has ~2.6k train features: 41 steps per epoch
@@ -41,7 +41,8 @@ def sweep(features, out, lambdas, cfg=None, **options):
 @pytest.fixture(scope="module")
 def val_store(lt_store, tmp_path_factory):
     """``lt_store`` with a val split: every third test sample (20 per class) moves to val."""
-    from store.features import FeatureStore, write_store
+    from store.features import FeatureStore
+    from store.feature_writer import write_store
 
     store = FeatureStore.open(lt_store)
     (train, ytrain), (test, ytest) = store.features("train"), store.features("test")

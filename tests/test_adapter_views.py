@@ -7,7 +7,8 @@ import torch
 
 from pipeline.errors import UserError
 from stages.adapter import TrainConfig, Views, fill_epoch_views, fit, train_adapter
-from store.features import FeatureStore, write_store
+from store.features import FeatureStore
+from store.feature_writer import write_store
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -17,11 +17,12 @@ from cli import main
 from pipeline.encode import text_embeddings
 from pipeline.errors import UserError
 from stages.adapter import TrainConfig, train_adapter
-from stages.bundle import Bundle, export
+from stages.bundle.run import Bundle, export
 from stages.evaluate.run import evaluate as run_evaluate
-from stages.evaluate_config import EvaluateConfig
+from stages.evaluate.config import EvaluateConfig
 from stages.extract.run import extract
-from store.features import FeatureStore, write_store
+from store.features import FeatureStore
+from store.feature_writer import write_store
 from store.shards import load_dataset, read_shard
 from test_images import HOSTILE
 

@@ -28,7 +28,8 @@ PARAM_FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 def stages() -> dict:
     """The stages of dvc.yaml, ``foreach`` expanded into NAME@KEY as DVC names them."""
-    return expand(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    return expand(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"],
+                  yaml.safe_load((ROOT / "params.yaml").read_text()))
 
 
 def command_of(stage: dict) -> str:
@@ -38,7 +39,7 @@ def command_of(stage: dict) -> str:
 
 
 def test_every_stages_code_deps_are_the_files_its_command_runs():
-    problems = stale(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
+    problems = stale(yaml.safe_load((ROOT / "dvc.yaml").read_text()), yaml.safe_load((ROOT / "params.yaml").read_text()))
     assert not problems, f"dvc.yaml's code deps are out of date; run `make deps` (python -m cli.deps --write): {problems}"
 
 
@@ -56,13 +57,16 @@ def test_the_code_deps_name_each_file_of_the_commands_modules_and_no_folder():
 
 
 def test_make_deps_rewrites_only_the_code_deps(tmp_path):
-    """`python -m cli.deps --write` on a dvc.yaml whose code deps are gone or stale gives back today's file,
-    byte for byte (comments, data deps and their order kept); without --write it lists the stale stages."""
+    """`python -m cli.deps --write` on a dvc.yaml whose code deps are gone or stale gives back the file it
+    writes from today's, byte for byte (comments, data deps and their order kept); without --write it
+    lists the stale stages."""
     from click.testing import CliRunner
 
     from cli.deps import main as deps
+    from cli.deps import rewritten
 
     text = (ROOT / "dvc.yaml").read_text()
+    text = rewritten(text, yaml.safe_load(text))  # today's file, up to date (the test above says if it is not)
     code = re.compile(r"^\s+- (cli|pipeline|stages|store)/\S+\n", re.M)
     stripped = code.sub("", text)
     first = "    deps:\n      - ${data.dir}\n"
@@ -70,6 +74,7 @@ def test_make_deps_rewrites_only_the_code_deps(tmp_path):
     old = stripped.replace(first, f"{first}      - pipeline\n      - stages/gone.py\n")
     path = tmp_path / "dvc.yaml"
     path.write_text(old)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())  # a foreach may read it
     check = CliRunner().invoke(deps, ["--file", str(path)])
     assert check.exit_code == 1 and "phase_a: missing [" in check.output and "'stages/gone.py'" in check.output
     assert CliRunner().invoke(deps, ["--file", str(path), "--write"]).exit_code == 0
@@ -84,10 +89,14 @@ def test_command_lines_render_as_dvc_renders_them(path, tmp_path):
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(path, tmp_path / "params.yaml")
     Repo.init(str(tmp_path), no_scm=True)
-    theirs = {s.addressing.split(":")[-1]: s.cmd for s in Repo(str(tmp_path)).index.stages}
+    index = Repo(str(tmp_path)).index.stages
     params = yaml.safe_load(path.read_text())
     ours = {name: rendered(stage["cmd"], params) for name, stage in stages().items()}
-    assert ours == {name: shlex.split(cmd) for name, cmd in theirs.items()}
+    assert ours == {s.addressing.split(":")[-1]: shlex.split(s.cmd) for s in index}
+    outputs = {name: sorted(render(o if isinstance(o, str) else next(iter(o)), params, name)
+                            for kind in ("outs", "metrics", "plots") for o in stage.get(kind, []))
+               for name, stage in stages().items()}  # foreach keys and items in the keys too
+    assert outputs == {s.addressing.split(":")[-1]: sorted(o.def_path for o in s.outs) for s in index}
 
 
 def test_a_missing_param_is_a_one_line_error_naming_the_stage():
@@ -132,10 +141,10 @@ def rendered(cmd: str, params: dict) -> list[str]:
 
 def _configs() -> dict:
     """The commands whose options build a config dataclass, and that dataclass (its ``check`` is theirs)."""
-    from stages.adapter.train_config import TrainConfig
+    from stages.adapter.config import TrainConfig
     from stages.extract.config import ExtractConfig
     from stages.phase_a.config import PhaseAConfig
-    from stages.pretrain_config import PretrainConfig
+    from stages.pretrain.config import PretrainConfig
 
     return {"pretrain": PretrainConfig, "phase-a": PhaseAConfig, "extract": ExtractConfig, "adapter": TrainConfig,
             "sweep": TrainConfig}

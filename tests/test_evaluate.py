@@ -16,7 +16,7 @@ from stages.evaluate.plots import accuracy_bins, plot_per_class
 from stages.evaluate.run import evaluate as run_evaluate
 from stages.evaluate.score import calibration_error, score, shot_accuracy
 from stages.evaluate.sweep import sweep as run_sweep
-from stages.evaluate_config import EvaluateConfig, SweepConfig
+from stages.evaluate.config import EvaluateConfig, SweepConfig
 
 
 def evaluate(features, out, **options):
@@ -239,7 +239,8 @@ def test_cli_evaluate_and_sweep(lt_store, tmp_path):
 @pytest.fixture(scope="module")
 def tta_store(tmp_path_factory, lt_store):
     """lt_store's test split with five noisy test-time views of every image."""
-    from store.features import FeatureStore, write_store
+    from store.features import FeatureStore
+    from store.feature_writer import write_store
 
     fs = FeatureStore.open(lt_store)
     rng = np.random.default_rng(3)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import zarr
 
+import store.feature_writer as feature_writer
 import store.features as features
 from pipeline.errors import UserError
-from store.features import (FeatureStore, SplitWriter, chunk_rows, create_store, make_fingerprint, write_store,
-                            write_text)
+from store.features import FeatureStore, make_fingerprint
+from store.feature_writer import SplitWriter, chunk_rows, create_store, write_store, write_text
 
 K, D = 4, 8
 
@@ -68,7 +69,7 @@ def test_open_refuses_what_is_not_a_store(tmp_path):
 
 
 def test_chunk_rows_are_equal_sized(monkeypatch):
-    monkeypatch.setattr(features, "CHUNK_ROWS", 100)
+    monkeypatch.setattr(feature_writer, "CHUNK_ROWS", 100)
     for n in (1, 99, 100, 101, 250, 1001):
         rows = chunk_rows(n)
         n_chunks = -(-n // rows)
@@ -100,7 +101,7 @@ def _create(path):
 
 
 def test_split_writer_refuses_unfinished_then_writes_in_shard_order(tmp_path, monkeypatch):
-    monkeypatch.setattr(features, "CHUNK_ROWS", 7)  # several chunks, crossing shard boundaries
+    monkeypatch.setattr(feature_writer, "CHUNK_ROWS", 7)  # several chunks, crossing shard boundaries
     group = _create(tmp_path / "s.zarr")
     writer = SplitWriter(group, "train", 5, "float16")
     staging = tmp_path / "s.zarr" / features.STAGING / "train"
@@ -122,7 +123,7 @@ def test_split_writer_refuses_unfinished_then_writes_in_shard_order(tmp_path, mo
 
 
 def test_two_processes_write_disjoint_chunks_of_the_same_arrays(tmp_path, monkeypatch):
-    monkeypatch.setattr(features, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(feature_writer, "CHUNK_ROWS", 5)
     stores = {}
     for world in (1, 2):
         group = _create(tmp_path / f"w{world}.zarr")
@@ -187,7 +188,7 @@ def _with_views(path, rng, n_train=50, n_test=12, v=3, t=5):
 def test_views_and_tta_roundtrip_and_readers(tmp_path, monkeypatch):
     import torch
 
-    monkeypatch.setattr(features, "CHUNK_ROWS", 16)  # several row chunks per view
+    monkeypatch.setattr(feature_writer, "CHUNK_ROWS", 16)  # several row chunks per view
     fs, views, tta = _with_views(tmp_path / "v.zarr", np.random.default_rng(6))
     assert fs.num_views("train") == 3 and fs.num_views("test") == 0
     assert fs.views_nbytes("train") == views.size * 2 and fs.views_nbytes("test") == 0
@@ -212,7 +213,7 @@ def test_views_and_tta_roundtrip_and_readers(tmp_path, monkeypatch):
 
 
 def test_split_writer_stages_and_writes_views(tmp_path, monkeypatch):
-    monkeypatch.setattr(features, "CHUNK_ROWS", 5)  # chunks cross shard boundaries
+    monkeypatch.setattr(feature_writer, "CHUNK_ROWS", 5)  # chunks cross shard boundaries
     rng = np.random.default_rng(7)
     counts, v = [6, 0, 7, 9], 3
     staged = [rng.normal(size=(v, n, D)).astype(np.float16) for n in counts]

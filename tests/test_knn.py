@@ -9,7 +9,7 @@ from cli import main
 from pipeline.errors import UserError
 from stages.evaluate.knn import cache_logits, neighbors as run_neighbors, search
 from stages.evaluate.run import evaluate as run_evaluate
-from stages.evaluate_config import EvaluateConfig, NeighborsConfig
+from stages.evaluate.config import EvaluateConfig, NeighborsConfig
 
 
 def evaluate(features, out, **options):

@@ -15,7 +15,7 @@ from cli import COMMANDS, main
 from cli.options import FLOAT_OR_NONE, INT_OR_NONE, TEXT_OR_NONE
 from pipeline.errors import UserError
 from pipeline.options import DEVICE, DEVICE_HELP, none_to_null
-from stages.adapter.train_config import TrainConfig
+from stages.adapter.config import TrainConfig
 from stages.phase_a.config import PhaseAConfig
 
 
@@ -121,7 +121,7 @@ def test_phase_a_numeric_options_take_dvcs_null(monkeypatch, word):
     (["extract", "--ckpt", "none", "--pretrained", "None", "--workers", "None", "--data", "d", "--out", "o"],
      "stages.extract.run.extract", {}, [0, "pretrained", "workers"]),
     (["export", "--ckpt", "c", "--adapter", "none", "--features", "f", "--out", "o"],
-     "stages.bundle.export", {"adapter": None, "model": {"name": "m"}, "classnames": []}, [1]),
+     "stages.bundle.run.export", {"adapter": None, "model": {"name": "m"}, "classnames": []}, [1]),
 ], ids=["evaluate", "neighbors", "extract", "export"])
 def test_stages_receive_none_for_none(monkeypatch, args, stage, returns, nones):
     """``nones``: the stage function's arguments (by position or keyword, or ``N.field`` of the config passed

@@ -1,4 +1,5 @@
-"""LIFT's lightweight Phase A (issues 14, 24): --tune full|bias-norm|bitfit|layernorm|lora|adaptformer, --classifier text|head,
+"""LIFT's lightweight Phase A (issues 14, 24, 25): every --tune (full, bias-norm, bitfit, layernorm, lora, adaptformer,
+adapter, vpt-shallow, vpt-deep, ssf), --classifier text|head,
 --loss logit-adjusted; their checkpoints through the factory and extract; resume for every variant."""
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import json
 import math
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.models import create_model
 from pipeline.peft import HEAD_KEY, AdaptFormerBlock, lift_width
 from pipeline.prior import log_prior
-from pipeline.shared_options import LOSSES
+from pipeline.losses import LOSSES, make_loss
 from pipeline.runtime import seed_everything
 from pipeline.text import tokenize_trimmed
 from pipeline.tuning import TUNES, add_tuning, mark_trainable, tuning
@@ -87,6 +89,10 @@ def expected_trainable(tune: str, classifier: str, names: list[str]) -> set[str]
         "layernorm": {n for n in blocks if n.endswith((".ln_1.weight", ".ln_1.bias", ".ln_2.weight", ".ln_2.bias"))},
         "lora": {n for n in image if ".parametrizations.in_proj_weight.0." in n},
         "adaptformer": {n for n in image if ".adaptformer." in n},
+        "adapter": {n for n in image if ".adapter." in n},
+        "vpt-shallow": {"visual.transformer.resblocks.0.vpt_prompt"},
+        "vpt-deep": {n for n in blocks if n.endswith(".vpt_prompt")},
+        "ssf": {n for n in image if ".ssf." in n},
     }
     return rules[tune]
 
@@ -157,7 +163,7 @@ def test_log_prior_and_the_logit_adjusted_loss_is_cross_entropy_of_shifted_logit
     assert log_prior(counts).tolist() == pytest.approx(np.log(np.array([50, 10, 1]) / 61).tolist(), abs=1e-6)
     _, towers, tokens = tiny_vit("full")
     x, y = images()
-    bias = 1.5 * log_prior(counts)
+    bias = make_loss(SimpleNamespace(loss="logit-adjusted", la_tau=1.5), counts)  # train_step's loss_fn
     with torch.no_grad():
         image, text = towers(x, tokens)
         expected = F.cross_entropy(cosine_logits(image, text, 14.3) + 1.5 * torch.log(torch.tensor([50, 10, 1]) / 61), y)
@@ -231,7 +237,7 @@ def test_cli_choices_and_defaults_are_the_stages(monkeypatch):
 
     params = {p.name: p for p in phase_a.params}
     assert tuple(params["tune"].type.choices) == TUNES and tuple(params["classifier"].type.choices) == CLASSIFIERS
-    assert tuple(params["loss"].type.choices) == LOSSES
+    assert tuple(params["loss"].type.choices) == tuple(LOSSES)
     seen = []
     monkeypatch.setattr(par, "run_phase_a", lambda cfg: seen.append(cfg) or "final.pt")
     result = CliRunner().invoke(main, ["phase-a", "--data", "d", "--model", "m"])
@@ -247,7 +253,7 @@ def test_head_run_writes_the_head_into_final_pt_and_extract_stores_it(small_data
 
     out = tmp_path / "run"
     final = run_phase_a(config(small_data, out, epochs=1, schedule="standard", tune="adaptformer", classifier="head",
-                               loss="logit-adjusted", select="last"))
+                               head_input="projection", loss="logit-adjusted", select="last"))  # pre-projection: test_heads
     meta = json.loads(final.with_suffix(".json").read_text())
     assert meta["classifier"] == "head" and meta["head_key"] == HEAD_KEY and meta["loss"] == "logit-adjusted"
     assert meta["tuning"] == {"tune": "adaptformer", "adapter_width": 2, "adapter_width_rule": True, "blocks": 6,
@@ -286,7 +292,10 @@ def test_head_run_writes_the_head_into_final_pt_and_extract_stores_it(small_data
 VARIANTS = [pytest.param("full", "text", "ce", marks=pytest.mark.slow),
             pytest.param("bias-norm", "head", "logit-adjusted", marks=pytest.mark.slow),
             ("lora", "head", "ce"),
-            pytest.param("adaptformer", "text", "logit-adjusted", marks=pytest.mark.slow)]
+            pytest.param("adaptformer", "text", "logit-adjusted", marks=pytest.mark.slow),
+            *(pytest.param(*case, marks=pytest.mark.slow) for case in [  # issue 25's modules, held in last.pt
+                ("adapter", "text", "ce"), ("vpt-shallow", "head", "ce"), ("vpt-deep", "text", "logit-adjusted"),
+                ("ssf", "head", "ce")])]
 
 
 @pytest.mark.parametrize("tune, classifier, loss", VARIANTS)

@@ -132,9 +132,55 @@ def test_accuracy_pass_restores_the_mode_it_found(small_data, tiny_backbone):  #
 def test_phase_a_passes_color_jitter_to_the_train_transform(jitter):
     from torchvision import transforms as T
 
-    bb, _ = pam.build_model(PhaseAConfig(data="unused", model="ballad-tiny", color_jitter=jitter), CPU)
-    found = [t for t in bb.train_transform.transforms if isinstance(t, T.ColorJitter)]
-    assert [t.brightness for t in found] == ([pytest.approx((1 - jitter, 1 + jitter))] if jitter else [])
+    from stages.phase_a.data import Transforms
+
+    cfg = PhaseAConfig(data="unused", model="ballad-tiny", color_jitter=jitter)
+    bb, _ = pam.build_model(cfg, CPU)
+    for epoch in (0, cfg.epochs - 1):  # what each epoch of the run trains on
+        found = [t for t in Transforms(cfg, bb).train(epoch).transforms if isinstance(t, T.ColorJitter)]
+        assert [t.brightness for t in found] == ([pytest.approx((1 - jitter, 1 + jitter))] if jitter else [])
+
+
+def test_the_default_transforms_are_the_factorys_the_authors(tiny_backbone):
+    """--train-transform ballad and --eval-transform ballad (the defaults) are the model factory's
+    transforms, the authors' (pipeline/transforms.py ``build_transforms``), step for step."""
+    from stages.phase_a.data import Transforms
+
+    cfg = PhaseAConfig(data="unused", model="ballad-tiny")
+    made = Transforms(cfg, tiny_backbone)
+    assert repr(made.eval) == repr(tiny_backbone.eval_transform)
+    assert all(repr(made.train(e)) == repr(tiny_backbone.train_transform) for e in range(cfg.epochs))
+
+
+# -- loss ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["ce", "logit-adjusted"])
+def test_the_registrys_ce_and_logit_adjusted_losses_are_phase_as_bit_for_bit(tiny_backbone, loss):
+    """Phase A's step with the registry's loss (pipeline/losses.py ``make_loss``) gives the very loss and
+    gradients of cross-entropy of the logits (+ τ·log prior) written out, with gradient accumulation."""
+    import torch.nn.functional as F
+
+    from pipeline.losses import make_loss
+    from pipeline.prior import log_prior
+    from pipeline.text import tokenize_trimmed
+
+    counts = [5, 2, 1]
+    tokens = tokenize_trimmed(tiny_backbone.tokenizer, ["a photo of a cat.", "a photo of a dog.", "a photo of an owl."])
+    x, y = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 0, 1])
+    cfg = PhaseAConfig(data="unused", model="ballad-tiny", loss=loss, la_tau=1.5)
+    bias = 1.5 * log_prior(counts) if loss == "logit-adjusted" else None
+    towers = Towers(tiny_backbone.model)
+    pam.set_batchnorm(towers, "frozen")
+    results = []
+    for loss_fn in (make_loss(cfg, counts, device=CPU), None):
+        towers.zero_grad(set_to_none=True)
+        if loss_fn is None:  # the loss written out, as Phase A computed it before the registry
+            def loss_fn(logits, labels):
+                return F.cross_entropy(logits if bias is None else logits + bias, labels)
+        value = pam.train_step(towers, tokens, [(x[:2], y[:2]), (x[2:], y[2:])], 14.3, loss_fn)
+        results.append((value, {n: p.grad.clone() for n, p in towers.named_parameters() if p.grad is not None}))
+    (got, grads), (want, ref) = results
+    assert got == want and grads.keys() == ref.keys() and all(torch.equal(grads[n], ref[n]) for n in ref)
 
 
 # -- schedule --------------------------------------------------------------------------------------------

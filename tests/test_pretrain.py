@@ -22,8 +22,8 @@ from PIL import Image
 from cli import main
 from pipeline.errors import UserError
 from stages import shapes
-from stages.pretrain import batch_indices, lr_at, render_corpus, run_pretrain, zero_shot_accuracy
-from stages.pretrain_config import PretrainConfig
+from stages.pretrain.run import batch_indices, lr_at, render_corpus, run_pretrain, zero_shot_accuracy
+from stages.pretrain.config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # ~10 s of ballad-tiny on one idle core: enough to learn colours and some shapes from captions.
@@ -165,7 +165,7 @@ def test_same_seed_gives_bit_identical_weights(tiny_run, tmp_path, single_thread
 
 def test_interrupted_run_resumes_to_the_uninterrupted_weights(tiny_run, tmp_path, single_thread, monkeypatch,
                                                                caplog):
-    import stages.pretrain as pretrain
+    import stages.pretrain.run as pretrain
 
     whole = tiny_run
     out = tmp_path / "cut"

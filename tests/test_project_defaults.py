@@ -39,8 +39,9 @@ def record(monkeypatch, command: str) -> list[dict]:
 def stage_words(name: str) -> list[str]:
     """Stage ``name``'s command line as `dvc repro` runs it (the rendering is checked against DVC's in
     tests/test_dvc_yaml.py), without the program."""
-    stage = expand(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])[name]
-    return shlex.split(render(stage["cmd"], yaml.safe_load((ROOT / "params.yaml").read_text()), "dvc.yaml"))[1:]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stage = expand(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"], params)[name]
+    return shlex.split(render(stage["cmd"], params, "dvc.yaml"))[1:]
 
 
 @pytest.mark.parametrize("typed, stage", [

@@ -560,7 +560,7 @@ def test_verify_checkpoint_directory(ckpt_dir, tmp_path, damage, problem):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, ckpt_dir, tiny_data):
     """An exported bundle (no adapter) of ckpt_dir's model, over a store of tiny_data's val split."""
-    from stages.bundle import export
+    from stages.bundle.run import export
     from stages.extract.run import extract
 
     root = tmp_path_factory.mktemp("bundle")

@@ -17,12 +17,14 @@ import torch
 import zarr
 from click.testing import CliRunner
 
+import store.feature_writer as feature_writer
 import store.features as features
 from cli import main
 from pipeline.errors import UserError
 from stages.extract.run import extract
 from stages.prepare.synthetic import SyntheticConfig, prepare_synthetic
-from store.features import FeatureStore, write_store
+from store.features import FeatureStore
+from store.feature_writer import write_store
 from store.location import object_lock_url, write_lock
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -130,7 +132,7 @@ def test_extract_to_a_url_writes_the_local_store_and_phase_b_reads_it(data, loca
 
 def test_an_interrupted_extract_to_a_url_resumes_from_the_staged_shards(data, local, memory, monkeypatch, caplog):
     url = f"{memory}/f.zarr"
-    stage, staged = features.SplitWriter.stage, []
+    stage, staged = feature_writer.SplitWriter.stage, []
 
     def stage_then_stop(self, shard, *args, **kw):  # as a kill after the second train shard
         stage(self, shard, *args, **kw)
@@ -138,7 +140,7 @@ def test_an_interrupted_extract_to_a_url_resumes_from_the_staged_shards(data, lo
         if len(staged) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(features.SplitWriter, "stage", stage_then_stop)
+    monkeypatch.setattr(feature_writer.SplitWriter, "stage", stage_then_stop)
     with pytest.raises(KeyboardInterrupt):
         extract(None, data, url, model="ballad-tiny", batch_size=32, workers=0, device="cpu")
     fs = fsspec.filesystem("memory")
@@ -146,7 +148,7 @@ def test_an_interrupted_extract_to_a_url_resumes_from_the_staged_shards(data, lo
         f"/{url[len('memory://'):]}/{features.STAGING}/train/{s:06d}.npz" for s in (0, 1)]
     with pytest.raises(UserError, match=r"split 'train' is incomplete.*`ballad-pipe extract .*--splits train` "):
         FeatureStore.open(url).features("train")
-    monkeypatch.setattr(features.SplitWriter, "stage", stage)
+    monkeypatch.setattr(feature_writer.SplitWriter, "stage", stage)
     with caplog.at_level("INFO", logger="ballad.extract"):
         done = extract(None, data, url, model="ballad-tiny", batch_size=32, workers=0, device="cpu")
     assert "train: 2 of 3 shard(s) already extracted, computing 1" in caplog.text

@@ -134,6 +134,6 @@ def test_class_aware_is_seeded():
 
 def test_sampler_choices_are_the_registry():
     from stages.adapter.samplers import SAMPLERS
-    from stages.adapter.train_config import TrainConfig
+    from stages.adapter.config import TrainConfig
 
     assert TrainConfig.__dataclass_fields__["sampler"].metadata["choices"] == tuple(SAMPLERS)

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 
 from cli import main
 from pipeline.errors import UserError
-from stages.adapter.train_config import TrainConfig
+from stages.adapter.config import TrainConfig
 from stages.evaluate.grid import ABLATIONS
 from stages.evaluate.run import evaluate
 from stages.evaluate.sweep import sweep
-from stages.evaluate_config import EvaluateConfig, SweepConfig
+from stages.evaluate.config import EvaluateConfig, SweepConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,15 +1,15 @@
 """Stage `adapter`: BALLAD Phase B, a residual linear adapter trained on cached features.
 
-The package: ``train_config`` (``TrainConfig``, torch-free), ``samplers`` (the sampler registry),
+The package: ``config`` (``TrainConfig`` and ``AdapterConfig``, torch-free), ``samplers`` (the sampler registry),
 ``model`` (the adapter, its fused loss kernel, scoring, loading the adapter file), ``train`` (``fit``,
 ``train_adapter``). Its public names are importable from ``stages.adapter`` itself; they load their
-module on first use, so importing ``stages.adapter.train_config`` (the CLI) does not import torch.
+module on first use, so importing ``stages.adapter.config`` (the CLI) does not import torch.
 
 The backbone is frozen in Phase B, so training never touches images: it reads the feature store.
 f* = λ·A(f) + (1 − λ)·f, logits = s · norm(f*) · uᵀ with the store's L2-normalised class text
 embeddings u and logit scale s, cross-entropy over the K classes (``--loss``: any loss of
 pipeline/losses.py). The options and their defaults are ``TrainConfig``
-(stages/adapter/train_config.py); the defaults are what the authors' code does:
+(stages/adapter/config.py); the defaults are what the authors' code does:
 - sampler: the authors' ClassAwareSampler (stages/adapter/samplers.py); ``--sampler`` offers the others.
 - schedule: SGD (momentum 0.9, weight decay 5e-4) with the cosine stepped at the start of every epoch,
   as the authors call ``CosineAnnealingLR.step()``: epoch 1 runs at lr·(1 + cos(π/T))/2 and the last at
@@ -52,7 +52,7 @@ import importlib
 PUBLIC = {"model": ("Adapter", "CosineCrossEntropy", "embed_all", "load_adapter", "top1"),
           "samplers": ("EpochSampler",),
           "train": ("Fitted", "Views", "fill_epoch_views", "fit", "live_dir", "train_adapter", "training_data"),
-          "train_config": ("TrainConfig",)}
+          "config": ("AdapterConfig", "TrainConfig")}
 MODULE_OF = {name: module for module, names in PUBLIC.items() for name in names}
 __all__ = sorted(MODULE_OF)
 

@@ -24,7 +24,7 @@ loop. Classes without train samples are never drawn.
 
 Each sampler is one entry of ``SAMPLERS`` (``@register``): a function that, given the ``EpochSampler``
 (labels, counts, generator), returns its ``draw(n, t, total)`` of n sample indices for epoch t of T; its
-name is a ``--sampler`` choice (stages/adapter/train_config.py reads them). So that the config reads
+name is a ``--sampler`` choice (stages/adapter/config.py reads them). So that the config reads
 the names without torch, torch is imported inside the functions.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pipeline.runtime import cpu_threads_for, pick_device, progress, save_torch
 from pipeline.schedule import epoch_lr, note_zero_lr
 from stages.adapter.model import FORMAT, Adapter, CosineCrossEntropy, top1
 from stages.adapter.samplers import EpochSampler
-from stages.adapter.train_config import TrainConfig
+from stages.adapter.config import TrainConfig
 
 log = logging.getLogger("ballad.adapter")
 

@@ -4,7 +4,7 @@ An axis is a ``TrainConfig`` option named by its flag without the dashes (``lamb
 ``batch-size``) and the values it takes; the grid is the cartesian product of the axes, the first
 varying slowest. Each value is parsed by the type of the option's default and checked by
 ``TrainConfig.check``, so an axis accepts exactly what `adapter --KEY VALUE` accepts, and a bad one is
-one line naming the axis. Torch-free: the configs (stages/evaluate_config.py) check the grid before any
+one line naming the axis. Torch-free: the configs (stages/evaluate/config.py) check the grid before any
 work starts.
 
 The ready grids (``--ablation``) are the paper's: Table 6 (where the adapter sits), Table 8 (Phase B's
@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 from pipeline.errors import UserError
-from stages.adapter.train_config import TrainConfig
+from stages.adapter.config import TrainConfig
 
 
 @dataclass(frozen=True)

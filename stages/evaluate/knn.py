@@ -19,7 +19,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.runtime import pick_device
 from stages.adapter import Adapter, embed_all, load_adapter
-from stages.evaluate_config import EvaluateConfig, NeighborsConfig
+from stages.evaluate.config import EvaluateConfig, NeighborsConfig
 
 
 def search(database: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.runtime import atomic_path
-from stages.evaluate_config import ReportConfig
+from stages.evaluate.config import ReportConfig
 
 ROWS = (("zero_shot", "zero-shot"), ("phase_a", "Phase A"), ("ballad", "BALLAD (Phase A + B)"))
 COLUMNS = (("many", "many"), ("medium", "medium"), ("few", "few"), ("top1", "all"), ("top5", "top-5"))

@@ -24,7 +24,7 @@ from stages.adapter import embed_all, load_adapter
 from stages.evaluate.files import write_report
 from stages.evaluate.knn import knn_logits
 from stages.evaluate.score import adapter_logits, score, view_logits
-from stages.evaluate_config import EvaluateConfig
+from stages.evaluate.config import EvaluateConfig
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:

@@ -22,7 +22,7 @@ from stages.adapter import embed_all, fit, training_data
 from stages.evaluate.grid import Axis, describe, points
 from stages.evaluate.plots import plot_sweep
 from stages.evaluate.score import adapter_logits, score
-from stages.evaluate_config import SweepConfig
+from stages.evaluate.config import SweepConfig
 
 METRICS = ("top1", "top5", "many", "medium", "few", "ece")
 RECORD = ("selected_epoch", "val_acc", "train_loss")

@@ -3,13 +3,19 @@
 Kept free of torch so that the command line builds ``ballad-pipe extract``'s options from it without
 importing torch (``--help`` stays fast). Each field's metadata names its command-line flag
 (pipeline/options.py), so the CLI and the checks' error messages use the same names.
+
+``--eval-transform`` (the plain features and the test-time views) and ``--train-transform`` (the train
+views) default to ballad, whatever the checkpoint was trained with: a Phase A run records its own in
+final.json, and the recipes (configs/*.yaml) pass the same to both commands. MDA is refused here: its
+crop depends on the training epoch, which an extraction has not.
 """
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass
 
+from pipeline import shared_options as shared
 from pipeline.images import MAX_PIXELS, MAX_PIXELS_HELP, SKIP_BAD_HELP
-from pipeline.options import DEVICE, DEVICE_HELP, INT_MAX, check_choices, check_ints, option
+from pipeline.options import DEVICE, DEVICE_HELP, INT_MAX, check_choices, check_ints, option, refuse
 from pipeline.views import TEST_VIEWS, check_test_views
 from store.stream import DECODE_HELP, DECODES
 from store.trust import ALLOW_COMMANDS, ALLOW_COMMANDS_HELP
@@ -49,6 +55,9 @@ class ExtractConfig:
     test_views: str = option("none", "--test-views", "Test-time views stored per val/test image (LIFT's five-crop "
                                                      "and ten-crop; flip: the centre crop and its mirror image).",
                              tuple(TEST_VIEWS))
+    eval_transform: str = shared.eval_transform("The transform of every stored feature and of the test-time views.")
+    train_transform: str = shared.train_transform("The transform of the train views (mda: refused, it needs an "
+                                                  "epoch).")
 
     def check(self) -> None:
         """Every option in range before any work starts: a one-line UserError naming the first one that is not."""
@@ -58,7 +67,12 @@ class ExtractConfig:
                           ("view_seed", 0, INT_MAX, "must be 0 or more"),
                           ("max_pixels", 1, INT_MAX, "must be at least 1")))
         check_test_views(self.test_views, "--test-views")
-        check_choices(self, ("dtype", "decode"))
+        check_choices(self, ("dtype", "decode", "eval_transform", "train_transform"))
+        if self.train_transform == "mda":
+            refuse(self, "train_transform", "LIFT+'s crop depends on the training epoch, which extract has not; "
+                                            "pass ballad or lift")
+        if self.train_transform != "ballad" and not self.train_views:
+            refuse(self, "train_transform", "applies to --train-views only, and none are asked for")
 
     def split_list(self) -> list[str] | None:
         """``--splits`` as a list (None: all of the dataset's); Python callers may pass a list."""

@@ -10,10 +10,13 @@ any process, run or resume. Where the pixels are made is ``--decode``'s choice, 
   device decodes the batch (nvJPEG) and runs the transforms (pipeline/tensor_transforms.py).
 
 Both make the split's extra views the store records (``extra_views``): seeded train-transform views
-of train images, or test-time views of the others (pipeline/views.py).
+of train images, or test-time views of the others (pipeline/views.py). The transforms are the run's
+recipes (``with_recipes``: --eval-transform, --train-transform), in the backbone's place of the
+factory's; the test-time views resize by the eval recipe's rule (``recipe``).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -25,6 +28,17 @@ from pipeline.tensor_transforms import TensorTransform
 from pipeline.views import TEST_VIEWS, TrainViews, tta_views
 from store.features import TTA, VIEWS, ExtraViews
 from store.stream import decode_batch, encode_batch, sample_stream
+
+
+def with_recipes(backbone, eval_recipe: str, train_recipe: str):
+    """``backbone`` with the eval transform ``eval_recipe`` and the train transform ``train_recipe``
+    (pipeline/transforms.py; ballad: the factory's own) at its image size, mean and std."""
+    from pipeline.transforms import eval_transform, normalization, train_transform
+
+    mean, std = normalization(backbone.eval_transform)
+    size = backbone.image_size
+    return replace(backbone, eval_transform=eval_transform(eval_recipe, size, mean, std),
+                   train_transform=train_transform(train_recipe, size, mean, std))
 
 
 def extra_views(split: str, train_views: int, test_views: str) -> ExtraViews | None:
@@ -58,18 +72,19 @@ class Ready(NamedTuple):
 
 class WorkerPixels:
     """``--decode cpu``: loader workers decode with PIL and transform each image (and its extra views)
-    up to uint8 HWC; the device scales and normalises."""
+    up to uint8 HWC; the device scales and normalises. ``recipe``: the eval transform's, for the
+    test-time views' resize."""
 
     draw = None  # sample_stream decodes
 
-    def __init__(self, backbone, extra: ExtraViews | None, view_seed: int = 0):
+    def __init__(self, backbone, extra: ExtraViews | None, view_seed: int = 0, recipe: str = "ballad"):
         self.per_image, self.normalize = split_transform(backbone.eval_transform)
         self.views, self.views_normalize = None, None
         if extra is not None and extra.name == VIEWS:
             per_view, self.views_normalize = split_transform(backbone.train_transform)
             self.views = TrainViews(per_view, extra.count, view_seed)
         elif extra is not None:
-            self.views, self.views_normalize = tta_views(self.per_image, extra.attr), self.normalize
+            self.views, self.views_normalize = tta_views(self.per_image, extra.attr, recipe), self.normalize
         # A batch with views holds 1 + count times the pixels (at 224 px, batch 256 and 8 views: 0.35 GB
         # of uint8) and takes as many times longer to forward, so fewer batches wait per worker.
         self.prefetch = max(1, 4 // (1 + (extra.count if extra else 0)))
@@ -90,17 +105,18 @@ class WorkerPixels:
 class DevicePixels:
     """``--decode gpu``: loader workers read JPEG bytes and draw each image's train-view parameters
     from the same seeds as ``WorkerPixels`` (store/stream.py ``encode_sample``); the device decodes
-    the batch and runs the eval transform, the train views' transform or the test-time crops."""
+    the batch and runs the eval transform, the train views' transform or the test-time crops
+    (``recipe``: as ``WorkerPixels``')."""
 
     prefetch = 4  # batches hold compressed images only
 
-    def __init__(self, backbone, extra: ExtraViews | None, view_seed: int = 0):
+    def __init__(self, backbone, extra: ExtraViews | None, view_seed: int = 0, recipe: str = "ballad"):
         self.eval = TensorTransform(backbone.eval_transform)
         self.train_views = self.tta = None
         if extra is not None and extra.name == VIEWS:
             self.train_views = TrainViews(TensorTransform(backbone.train_transform), extra.count, view_seed)
         elif extra is not None:
-            self.tta = tta_views(backbone.eval_transform, extra.attr)  # its crops work on tensors too
+            self.tta = tta_views(backbone.eval_transform, extra.attr, recipe)  # its crops work on tensors too
             self.finish = TensorTransform(self.tta.finish)
         self.draw = self.train_views.draw if self.train_views else _nothing
 

@@ -11,11 +11,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.heads import HEAD_INITS, HEAD_INPUTS, PROJECTION
 from pipeline.options import none_to_null
 from pipeline.schedule import SCHEDULES
 from pipeline.tuning import TUNES
 from pipeline.validate import COUNT, SHA256, TEXT, Field, check
 from pipeline.text import ENSEMBLE_TEMPLATES, template_problem
+from pipeline.transforms import EVAL_TRANSFORMS, MDA_SCHEDULES, TRAIN_TRANSFORMS
 from stages.extract.config import ExtractConfig
 from store.features import FORMAT, LOGIT_SCALE, MAYBE_TEXT, TEMPLATES, make_fingerprint
 
@@ -39,7 +41,13 @@ CHECKPOINT_META = {
     "val_acc": Field("number", null=True, optional=True, low=0, high=1),
     "tuning": Field("dict", optional=True, keys={"tune": Field("text", choices=TUNES)}),
     "classifier": replace(TEXT, optional=True), "head_key": MAYBE_TEXT,
+    "head_input": Field("text", null=True, optional=True, choices=HEAD_INPUTS),
+    "head_init": Field("text", null=True, optional=True, choices=HEAD_INITS),
     "loss": replace(TEXT, optional=True), "la_tau": Field("number", null=True, optional=True, low=0),
+    "loss_params": Field("dict", optional=True, items=Field("number")),
+    "train_transform": Field("text", optional=True, choices=tuple(TRAIN_TRANSFORMS)),
+    "mda_schedule": Field("text", null=True, optional=True, choices=tuple(MDA_SCHEDULES)),
+    "eval_transform": Field("text", optional=True, choices=tuple(EVAL_TRANSFORMS)),
     "eval": Field("dict", null=True, optional=True), "bad_samples": replace(COUNT, optional=True),
     "world_size": Field("int", optional=True, low=1), "rank_param_digests": Field("list", optional=True, items=TEXT),
     "config": Field("dict", optional=True),
@@ -97,6 +105,16 @@ def resolve_checkpoint(ckpt: str | None, model: str | None, pretrained: str | No
     return path, model, pretrained
 
 
+def recorded_head_input(ckpt_path: Path | None) -> str:
+    """The feature the checkpoint's head reads, as its final.json records it (pipeline/heads.py); the
+    projected embedding without a checkpoint, a final.json or the key (files from before --head-input)."""
+    sidecar = None if ckpt_path is None else Path(ckpt_path).with_suffix(".json")
+    if sidecar is None or not sidecar.is_file():
+        return PROJECTION
+    info = read_checkpoint_meta(sidecar, remedy="fix it, or delete it and pass --model")
+    return info.get("head_input") or PROJECTION
+
+
 def read_checkpoint_meta(path: Path, spec=CHECKPOINT_META, remedy: str = "") -> dict:
     """The final.json at ``path``, every key checked against ``spec``: a one-line UserError naming the
     file and the key, then ``remedy``, otherwise."""
@@ -108,21 +126,26 @@ def read_checkpoint_meta(path: Path, spec=CHECKPOINT_META, remedy: str = "") -> 
     return check(info, spec, str(path), remedy=remedy)
 
 
-def store_attrs(backbone, dataset, ckpt_path, pretrained, cfg: ExtractConfig, templates, decode: dict) -> dict:
+def store_attrs(backbone, dataset, ckpt_path, pretrained, cfg: ExtractConfig, templates, decode: dict,
+                head_input: str = PROJECTION) -> dict:
     """Root attributes. The view seed and the train transform are recorded only with train views
-    (without them they change nothing in the store); ``decode`` says where each split of this run
-    is decoded (``cpu`` or ``gpu``, --decode)."""
+    (without them they change nothing in the store), as the train recipe (--train-transform by name;
+    the eval recipe: --eval-transform's); ``decode`` says where each split of this run is decoded
+    (``cpu`` or ``gpu``, --decode). ``head_input``: the feature the images are stored at (pipeline/heads.py), whose
+    dimensions are the store's ``embed_dim``."""
+    from pipeline.heads import feature_dim
     from pipeline.runtime import sha256_file
 
     ckpt_sha = sha256_file(ckpt_path) if ckpt_path else None
     train = dataset.splits.get("train")
     with_views = cfg.train_views > 0
+    dim = feature_dim(backbone.model, head_input, backbone.embed_dim)
     return {
         "format": FORMAT,
-        "fingerprint": make_fingerprint(backbone.name, pretrained, ckpt_sha, dataset.classnames, backbone.embed_dim),
+        "fingerprint": make_fingerprint(backbone.name, pretrained, ckpt_sha, dataset.classnames, dim),
         "model": backbone.name, "pretrained": pretrained,
         "checkpoint": str(ckpt_path) if ckpt_path else None, "checkpoint_sha256": ckpt_sha,
-        "embed_dim": backbone.embed_dim, "logit_scale": float(backbone.model.logit_scale.exp().item()),
+        "embed_dim": dim, "head_input": head_input, "logit_scale": float(backbone.model.logit_scale.exp().item()),
         "classnames": list(dataset.classnames),
         "train_class_counts": list(train.class_counts) if train else [0] * dataset.num_classes,
         "dataset": {"name": dataset.name, "path": str(dataset.root)}, "dataset_fingerprint": dataset.fingerprint,
@@ -130,6 +153,7 @@ def store_attrs(backbone, dataset, ckpt_path, pretrained, cfg: ExtractConfig, te
         "transform": repr(backbone.eval_transform), "train_views": cfg.train_views,
         "view_seed": cfg.view_seed if with_views else None,
         "train_transform": repr(backbone.train_transform) if with_views else None,
+        "eval_recipe": cfg.eval_transform, "train_recipe": cfg.train_transform if with_views else None,
         "test_views": cfg.test_views, "decode": decode, "versions": _versions(),
         "command": command(cfg, backbone.name, pretrained),
     }
@@ -155,6 +179,10 @@ def command(cfg: ExtractConfig, model: str, pretrained: str | None) -> str:
     args += ["--dtype", cfg.dtype, "--templates", cfg.templates]
     if cfg.train_views:
         args += ["--train-views", str(cfg.train_views), "--view-seed", str(cfg.view_seed)]
+        if cfg.train_transform != "ballad":
+            args += ["--train-transform", cfg.train_transform]
+    if cfg.eval_transform != "ballad":
+        args += ["--eval-transform", cfg.eval_transform]
     if cfg.test_views != "none":
         args += ["--test-views", cfg.test_views]
     if cfg.decode != "auto":

@@ -26,13 +26,14 @@ from typing import Callable
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.heads import PROJECTION, feature_dim, feature_model, resolved_head_input
 from pipeline.images import MAX_PIXELS
 from pipeline.options import none_to_null
 from pipeline.shared_options import default_workers
 from stages.extract.config import ExtractConfig
-from stages.extract.data import DevicePixels, WorkerPixels, extra_views, make_loader
-from stages.extract.meta import resolve_checkpoint, resolve_templates, store_attrs
-from store.features import SplitWriter, create_store, write_text
+from stages.extract.data import DevicePixels, WorkerPixels, extra_views, make_loader, with_recipes
+from stages.extract.meta import recorded_head_input, resolve_checkpoint, resolve_templates, store_attrs
+from store.feature_writer import SplitWriter, create_store, write_text
 from store.stream import decode_on_device
 
 log = logging.getLogger("ballad.extract")
@@ -75,9 +76,13 @@ def extract(ckpt: str | None, data, out, **options) -> dict:
 
             # Layers no checkpoint covers (a random-init `--ckpt none`) start the same in every run and rank.
             torch.manual_seed(0)
-            backbone = create_model(model, pretrained=str(ckpt_path) if ckpt_path else pretrained, device=dev)
+            backbone = with_recipes(create_model(model, pretrained=str(ckpt_path) if ckpt_path else pretrained,
+                                                 device=dev), cfg.eval_transform, cfg.train_transform)
+            # Phase A --classifier head: the images are stored at the feature the head reads (pipeline/heads.py)
+            head_input = (PROJECTION if backbone.head is None
+                          else resolved_head_input(backbone.model, recorded_head_input(ckpt_path)))
             attrs = store_attrs(backbone, dataset, ckpt_path, pretrained, cfg, template_list,
-                                {split: "gpu" if on_device[split] else "cpu" for split in splits})
+                                {split: "gpu" if on_device[split] else "cpu" for split in splits}, head_input)
 
             on_main(dist, lambda: _create(out, backbone, dataset, attrs, template_list, dev, cfg.overwrite))
             import zarr
@@ -87,7 +92,8 @@ def extract(ckpt: str | None, data, out, **options) -> dict:
             for split in splits:
                 writer = SplitWriter(group, split, len(urls[split]), cfg.dtype,
                                      extra=extra_views(split, cfg.train_views, cfg.test_views))
-                done[split] = _extract_split(writer, urls[split], backbone, dev, dist, cfg, workers, on_device[split])
+                done[split] = _extract_split(writer, urls[split], backbone, dev, dist, cfg, workers, on_device[split],
+                                             head_input)
             return done
     finally:
         cleanup(dist)
@@ -99,6 +105,9 @@ def _create(out, backbone, dataset, attrs: dict, template_list: list[str], dev, 
 
     # Phase A --classifier head: its trained classifier, not the prompts, holds the class embeddings
     head = backbone.class_head(dataset.num_classes)
+    if head is not None and head.shape[1] != attrs["embed_dim"]:
+        raise UserError(f"{backbone.pretrained}: its classifier head reads {head.shape[1]}-d features, but its "
+                        f"final.json says --head-input {attrs['head_input']} ({attrs['embed_dim']}-d)")
     group = create_store(out, {**attrs, "classifier": "text" if head is None else "head"}, overwrite)
     emb, prompts = text_embeddings(backbone, dataset.classnames, template_list, dev)
     write_text(group, emb if head is None else head, prompts, template_list)
@@ -123,7 +132,8 @@ def on_main(dist, fn: Callable[[], object]) -> None:
         raise UserError(error)
 
 
-def _extract_split(writer, urls, backbone, dev, dist, cfg: ExtractConfig, workers: int, on_device: bool) -> int:
+def _extract_split(writer, urls, backbone, dev, dist, cfg: ExtractConfig, workers: int, on_device: bool,
+                   head_input: str = PROJECTION) -> int:
     from pipeline.distributed import barrier
 
     group, split = writer.group, writer.split
@@ -142,26 +152,30 @@ def _extract_split(writer, urls, backbone, dev, dist, cfg: ExtractConfig, worker
     if todo:
         log.info("%s: decoding on the %s", split, "model's device" if on_device else "CPU, in the loader workers")
         run_shards(writer, [(s, urls[s]) for s in todo], backbone, dev, cfg.batch_size, workers, cfg.skip_bad,
-                   cfg.view_seed, on_device, cfg.max_pixels)
+                   cfg.view_seed, on_device, cfg.max_pixels, cfg.eval_transform, head_input)
     barrier(dist)
-    writer.finish(backbone.embed_dim, dist.rank, dist.world_size, lambda: barrier(dist))
+    writer.finish(feature_dim(backbone.model, head_input, backbone.embed_dim), dist.rank, dist.world_size,
+                  lambda: barrier(dist))
     return len(todo)
 
 
 def run_shards(writer: SplitWriter, shards, backbone, dev, batch_size: int, workers: int, skip_bad: bool,
-               view_seed: int = 0, on_device: bool = False, max_pixels: int = MAX_PIXELS) -> None:
+               view_seed: int = 0, on_device: bool = False, max_pixels: int = MAX_PIXELS,
+               recipe: str = "ballad", head_input: str = PROJECTION) -> None:
     """Compute and stage ``shards`` [(index, url)] of one split, with the extra views ``writer.extra``
-    names; ``on_device``: images decoded on ``dev`` (--decode gpu), else in the loader workers. An
+    names (``recipe``: the eval transform's, whose rule sizes the test-time views); ``on_device``: images
+    decoded on ``dev`` (--decode gpu), else in the loader workers. An
     unreadable image (or one above ``max_pixels``) stops the run, or with ``skip_bad`` is recorded as
-    skipped."""
+    skipped. ``head_input``: the feature stored (pipeline/heads.py)."""
     import torch
 
     from pipeline.encode import image_features
     from pipeline.runtime import progress
 
-    model = backbone.model.to(dev).eval()
+    model = feature_model(backbone.model.to(dev).eval(), head_input)
+    dim = feature_dim(backbone.model, head_input, backbone.embed_dim)
     store_dtype = getattr(torch, writer.dtype.name)
-    pixels = (DevicePixels if on_device else WorkerPixels)(backbone, writer.extra, view_seed)
+    pixels = (DevicePixels if on_device else WorkerPixels)(backbone, writer.extra, view_seed, recipe)
     loader = make_loader(shards, pixels, batch_size, workers, skip_bad, pin_memory=dev.type == "cuda" and not on_device,
                          max_pixels=max_pixels)
     pending: dict[int, list[tuple]] = {}  # shard -> (keys, labels, features, view features) per batch so far
@@ -181,8 +195,7 @@ def run_shards(writer: SplitWriter, shards, backbone, dev, batch_size: int, work
                     parts.append((ready.keys, ready.labels, image_features(model, ready.images, dev, store_dtype),
                                   extra))
             if b.last:
-                _stage(writer, b.shard, pending.pop(b.shard), b.skipped + dropped.pop(b.shard, []),
-                       backbone.embed_dim)
+                _stage(writer, b.shard, pending.pop(b.shard), b.skipped + dropped.pop(b.shard, []), dim)
                 bar.update(1)
     bar.close()
 

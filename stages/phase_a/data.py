@@ -1,4 +1,5 @@
-"""Phase A's data: the train split streamed from shards with an exact number of batches per epoch.
+"""Phase A's data: the train split streamed from shards with an exact number of batches per epoch, and
+the recipe's transforms (``Transforms``).
 
 Every epoch builds a fresh webdataset stream seeded by (seed, epoch): shards are split by rank (DDP)
 and by DataLoader worker, shuffled, read, shuffled again in a sample buffer, decoded and augmented.
@@ -9,6 +10,10 @@ one the interrupted run would have seen when the number of ranks and workers is 
 With ``--decode gpu`` the workers only read and draw each image's augmentation (store/stream.py), and
 each micro-batch is decoded and augmented on the GPU in the main process (``DeviceDecode``). A loader
 worker's UserError (an unreadable image) reaches the run as its one line (``one_line``).
+
+The train transform is rebuilt for every epoch (``Transforms.train``: LIFT+'s MDA crop depends on the
+epoch) and handed to that epoch's stream, on either decode path; its draws come from the generators
+seeded as above, so an epoch's crops are the same in a resumed run.
 """
 from __future__ import annotations
 
@@ -20,6 +25,26 @@ from pipeline.errors import UserError
 from pipeline.images import MAX_PIXELS
 from store.shards import DATASET_FILE, local_path, split_member
 from store.stream import collate_encoded, decode_batch, sample_stream
+
+
+class Transforms:
+    """Phase A's transforms for ``backbone`` (its image size, its eval transform's mean and std):
+    ``train(epoch)``, --train-transform at that epoch of --epochs (pipeline/transforms.py), and ``eval``,
+    --eval-transform, for the val and test accuracies."""
+
+    def __init__(self, cfg, backbone):
+        from pipeline.transforms import eval_transform, normalization
+
+        self.cfg, self.size = cfg, backbone.image_size
+        self.mean, self.std = normalization(backbone.eval_transform)
+        self.eval = eval_transform(cfg.eval_transform, self.size, self.mean, self.std)
+
+    def train(self, epoch: int):
+        from pipeline.transforms import train_transform
+
+        cfg = self.cfg
+        return train_transform(cfg.train_transform, self.size, self.mean, self.std, epoch=epoch, epochs=cfg.epochs,
+                               color_jitter=cfg.color_jitter, mda_schedule=cfg.mda_schedule)
 
 
 def check_shards(info, split: str) -> list[str]:
@@ -139,14 +164,15 @@ def train_batches(urls, transform, *, seed: int, epoch: int, micro_batch: int, w
 
 
 def eval_batches(urls, transform, *, batch: int, workers: int, limit: int, decode_on=None, skip_bad: bool = False,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, before_decode=None):
     """(images, labels) batches of the first ``limit`` samples of an evaluation split, in a fixed order
-    (``decode_on``, ``skip_bad``, ``max_pixels``: as ``train_batches``)."""
+    (``decode_on``, ``skip_bad``, ``max_pixels``: as ``train_batches``; ``before_decode``: a stage on the
+    raw samples, e.g. the head initialisation's choice of train images)."""
     import torch
 
     device = DeviceDecode(transform, decode_on, skip_bad, max_pixels=max_pixels) if decode_on is not None else None
     stream = sample_stream(urls, transform, skip_bad=skip_bad, draw=device.draw if device else None,
-                           max_pixels=max_pixels)
+                           max_pixels=max_pixels, before_decode=before_decode)
     loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=min(workers, len(urls)),
                                          collate_fn=collate_encoded if device else None)
     seen = 0

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.heads import PRE_PROJECTION, PROJECTION, encode_image, text_to_head
 from pipeline.images import MAX_PIXELS
 from pipeline.models import create_model
 from pipeline.runtime import autocast, progress, seed_everything
@@ -22,9 +23,11 @@ from stages.phase_a.data import eval_batches, one_line
 
 class Towers(torch.nn.Module):
     """Both encoders (and the classifier head, if any) behind one forward(), so DistributedDataParallel
-    sees every trainable parameter. forward(images, tokens) returns the image embeddings and the class
-    weights: the text tower's embeddings of the prompts, or the head [K, D] with ``--classifier head``
-    (which needs no text tower; ``tokens`` then only asks for the class weights).
+    sees every trainable parameter. forward(images, tokens) returns the image features and the class
+    weights: the text tower's embeddings of the prompts, or the head [K, F] with ``--classifier head``
+    (which needs no text tower; ``tokens`` then only asks for the class weights). ``head_input``
+    (pipeline/heads.py, resolved): the feature a head reads, F its dimensions; before the projection,
+    the projection takes no part in the forward and is frozen (DDP would wait for its gradient).
 
     It also owns the numerics. ``fp32``: fp32 weights and bf16 autocast on CUDA (fp32 on CPU).
     ``fp16-weights``: the factory built the model with fp16 weights, as the authors' is; images are
@@ -34,10 +37,13 @@ class Towers(torch.nn.Module):
     """
 
     def __init__(self, clip, precision: str = "fp32", head: torch.Tensor | None = None,
-                 text_chunk: int | None = None):
+                 text_chunk: int | None = None, head_input: str = PROJECTION):
         super().__init__()
         self.clip, self.precision, self.text_chunk = clip, precision, text_chunk
+        self.head_input = PROJECTION if head is None else head_input
         self.register_parameter("head", None if head is None else torch.nn.Parameter(head))
+        if self.head_input == PRE_PROJECTION:
+            clip.visual.proj.requires_grad_(False)
 
     def _numerics(self, device):
         return autocast(device, enabled=self.precision == "fp32")
@@ -47,10 +53,7 @@ class Towers(torch.nn.Module):
             return encode_text(self.clip, tokens)
 
     def image(self, images):
-        if self.precision == "fp16-weights":
-            images = images.half()
-        with self._numerics(images.device):
-            return self.clip.encode_image(images)
+        return image_features(self.clip, images, self.precision, self.head_input)
 
     def classes(self, tokens):
         """The class weights [K, D]: the text tower on the prompt tokens, or the head."""
@@ -66,6 +69,15 @@ class Towers(torch.nn.Module):
     def forward(self, images, tokens=None):
         classes = None if tokens is None else self.classes(tokens)
         return self.image(images), classes
+
+
+def image_features(clip, images, precision: str, head_input: str = PROJECTION):
+    """The image features at ``head_input`` with Towers' numerics (``precision``: fp16 inputs for
+    fp16-weights, else bf16 autocast on CUDA)."""
+    if precision == "fp16-weights":
+        images = images.half()
+    with autocast(images.device, enabled=precision == "fp32"):
+        return encode_image(clip, images, head_input)
 
 
 def batchnorm_mode(batchnorm: str, pretrained: str | None) -> str:
@@ -90,9 +102,10 @@ def cosine_logits(image_features, text_features, scale: float):
     return scale * F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
 
 
-def train_step(net, tokens, micro_batches, scale: float, bias: torch.Tensor | None = None) -> float:
+def train_step(net, tokens, micro_batches, scale: float, loss_fn=None) -> float:
     """Forward and backward of one optimizer step over ``micro_batches`` [(images, labels)]; returns the
-    mean loss. ``bias`` [K] is added to the training logits (``--loss logit-adjusted``: τ·log prior).
+    mean loss. ``loss_fn`` (logits, labels) -> mean loss is the training loss (pipeline/losses.py
+    ``make_loss``; None: cross-entropy), each micro-batch's weighted by its share of the batch.
 
     The earlier micro-batches score against detached class weights and collect the loss gradient g
     w.r.t. them; the last one runs the text tower with gradients and adds ⟨u, g⟩ to its loss, so one
@@ -104,7 +117,7 @@ def train_step(net, tokens, micro_batches, scale: float, bias: torch.Tensor | No
     synchronising backward, so the text tower's activations held at once are one chunk's, not K's."""
     def loss_of(image, classes, y):
         logits = cosine_logits(image, classes, scale)
-        return F.cross_entropy(logits if bias is None else logits + bias, y) * (len(y) / n)
+        return (F.cross_entropy(logits, y) if loss_fn is None else loss_fn(logits, y)) * (len(y) / n)
 
     towers = getattr(net, "module", net)
     n = sum(len(y) for _, y in micro_batches)
@@ -224,12 +237,13 @@ def build_model(cfg: PhaseAConfig, device):
     return bb, channels_last
 
 
-def text_head(model, tokens, chunk: int | None = None) -> torch.Tensor:
-    """LIFT's classifier initialisation (``init_head: text_feat``): the frozen text tower's L2-normalised
-    embeddings of the class prompts, in fp32, ``chunk`` prompts at a time (``--text-chunk``: the one
-    text-tower pass of a head run). With these weights the head's logits are the zero-shot ones."""
+def text_head(model, tokens, chunk: int | None = None, head_input: str = PROJECTION) -> torch.Tensor:
+    """LIFT's classifier initialisation (``init_head: text_feat``): the frozen text tower's embeddings of
+    the class prompts, in fp32, ``chunk`` prompts at a time (``--text-chunk``: the one text-tower pass of
+    a head run), as weights at ``head_input`` (pipeline/heads.py ``text_to_head``). On the projected
+    embedding the head's initial logits are the zero-shot ones; before the projection, LIFT's rescaled ones."""
     with torch.no_grad():
-        return F.normalize(in_chunks(lambda t: encode_text(model, t), tokens, chunk).float(), dim=-1)
+        return text_to_head(model, in_chunks(lambda t: encode_text(model, t), tokens, chunk), head_input)
 
 
 def make_optimizer(cfg: PhaseAConfig, model) -> torch.optim.Optimizer:

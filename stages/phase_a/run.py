@@ -4,8 +4,14 @@
 ``Run`` (what the run is, fixed once set up: data, model, towers) and a ``TrainState`` (what training
 changes and last.pt holds: optimizer, step, best epoch, log rows), both in stages/phase_a/state.py
 with how they are started, resumed, saved and logged. ``train_one_epoch`` trains one epoch, as
-open_clip's trainer does, then validates (``--select best-val``), tests (``--eval-every``) and saves;
+open_clip's trainer does, on that epoch's train transform (stages/phase_a/data.py ``Transforms``), then
+validates (``--select best-val``), tests (``--eval-every``; both with --eval-transform) and saves;
 ``finish`` writes final.pt and final.json.
+
+The loss is pipeline/losses.py's ``make_loss`` (any registered --loss), over the training logits only.
+With ``--micro-batch`` each micro-batch's loss is weighted by its share of the batch: exact for a loss
+that is a mean over samples (all but LADE, whose regulariser estimates per-class means over the
+batch, and so over each micro-batch instead).
 """
 from __future__ import annotations
 
@@ -21,18 +27,19 @@ import torch
 from pipeline.distributed import cleanup, device_for, init_distributed
 from pipeline.errors import UserError
 from pipeline.locks import exclusive_lock
+from pipeline.losses import chosen_params, make_loss
 from pipeline.models import check_model_name, image_tower
 from pipeline.peft import HEAD_KEY, blocks_refusal
-from pipeline.prior import log_prior
 from pipeline.runtime import pick_device, progress, save_torch, sha256_file, write_json
 from pipeline.schedule import epoch_lr, note_zero_lr
 from pipeline.shared_options import resolved_select
 from pipeline.text import class_prompts, tokenize_trimmed
 from pipeline.tuning import add_tuning, mark_trainable, tuning
 from stages.phase_a.config import PhaseAConfig
-from stages.phase_a.data import check_shards, loader_error, train_batches
+from stages.phase_a.data import Transforms, check_shards, loader_error, train_batches
 from stages.phase_a.model import (Towers, batchnorm_mode, build_model, param_digest, set_batchnorm, split_accuracy,
-                                  text_head, to_device, train_step)
+                                  to_device, train_step)
+from stages.phase_a.head_init import initial_head
 from stages.phase_a.state import Run, TrainState, log_row, model_state, save_best, save_last, start
 from store.shards import DATASET_FILE, load_dataset
 from store.stream import decode_on_device
@@ -92,10 +99,10 @@ def set_up(cfg: PhaseAConfig, info, dist, urls: list[str], select: str, on_devic
     model = bb.model
     tokens = tokenize_trimmed(bb.tokenizer, class_prompts(info.classnames, info.template)).to(device)
     record = add_tuning(model, cfg.tune, num_classes=info.num_classes, lora_rank=cfg.lora_rank,
-                        adapter_width=cfg.adapter_width)
-    mark_trainable(model, cfg.tune, text=cfg.classifier == "text")
-    head = text_head(model, tokens, cfg.text_chunk) if cfg.classifier == "head" else None
-    towers = Towers(model, cfg.precision, head, cfg.text_chunk)
+                        adapter_width=cfg.adapter_width, tune_blocks=cfg.tune_blocks)
+    mark_trainable(model, cfg.tune, text=cfg.classifier == "text", tune_blocks=cfg.tune_blocks)
+    head, head_input = initial_head(cfg, bb, tokens, urls, device, device if on_device else None, channels_last)
+    towers = Towers(model, cfg.precision, head, cfg.text_chunk, head_input)
     record["trainable_params"] = sum(p.numel() for p in towers.parameters() if p.requires_grad)
     mode = batchnorm_mode(cfg.batchnorm, bb.pretrained)
     set_batchnorm(towers, mode)
@@ -111,8 +118,8 @@ def set_up(cfg: PhaseAConfig, info, dist, urls: list[str], select: str, on_devic
                test_urls=check_shards(info, "test") if cfg.eval_every else [], micro=micro, accum=per_rank // micro,
                workers=min(cfg.workers, len(urls) // dist.world_size),  # a worker without a shard ends the stream
                bb=bb, towers=towers, net=net, tokens=tokens, scale=float(model.logit_scale.exp()),
-               bias=(cfg.la_tau * log_prior(info.split("train").class_counts).to(device)
-                     if cfg.loss == "logit-adjusted" else None),
+               loss_fn=make_loss(cfg, info.split("train").class_counts, device=device),
+               transforms=Transforms(cfg, bb),
                mode=mode, channels_last=channels_last, record=record)
 
 
@@ -135,11 +142,11 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int, bar) -> None:
     for group in state.opt.param_groups:
         group["lr"] = epoch_lr(cfg.lr, epoch, cfg.epochs, cfg.schedule)
     end = (epoch + 1) * run.steps_per_epoch
-    batches = train_batches(run.urls, run.bb.train_transform, seed=cfg.seed, epoch=epoch, micro_batch=run.micro,
-                            workers=run.workers, shuffle_buffer=cfg.shuffle_buffer, distributed=run.dist.enabled,
-                            consumed=(state.step - epoch * run.steps_per_epoch) * run.accum, skip_bad=cfg.skip_bad,
-                            on_bad=state.bad, pin_memory=run.device.type == "cuda", decode_on=run.decode_on,
-                            max_pixels=cfg.max_pixels)
+    consumed = (state.step - epoch * run.steps_per_epoch) * run.accum
+    batches = train_batches(run.urls, run.transforms.train(epoch), seed=cfg.seed, epoch=epoch,
+                            micro_batch=run.micro, workers=run.workers, shuffle_buffer=cfg.shuffle_buffer,
+                            distributed=run.dist.enabled, consumed=consumed, skip_bad=cfg.skip_bad, on_bad=state.bad,
+                            pin_memory=run.device.type == "cuda", decode_on=run.decode_on, max_pixels=cfg.max_pixels)
     try:
         tick = time.perf_counter()
         while state.step < end:
@@ -175,7 +182,7 @@ def optimizer_step(run: Run, state: TrainState, micro_batches) -> float:
     _check_labels(run, micro_batches)
     device = run.device
     loss = train_step(run.net, run.tokens, [(to_device(x, device, run.channels_last), y.to(device, non_blocking=True))
-                                            for _, x, y in micro_batches], run.scale, run.bias)
+                                            for _, x, y in micro_batches], run.scale, run.loss_fn)
     stats = torch.tensor([loss, state.bad.value], device=device)
     if run.dist.enabled:
         torch.distributed.all_reduce(stats)
@@ -206,7 +213,7 @@ def _check_labels(run: Run, micro_batches) -> None:
 def accuracy(run: Run, split: str, urls, samples: int) -> dict:
     """``split_accuracy`` of the model as it is now, on the first ``samples`` images of ``split``."""
     cfg = run.cfg
-    return split_accuracy(run.towers, run.tokens, urls, run.bb.eval_transform, samples=samples, batch=run.micro,
+    return split_accuracy(run.towers, run.tokens, urls, run.transforms.eval, samples=samples, batch=run.micro,
                           workers=cfg.workers, train_counts=run.info.split("train").class_counts,
                           channels_last=run.channels_last, desc=f"phase-a {split}", decode_on=run.decode_on,
                           skip_bad=cfg.skip_bad, max_pixels=cfg.max_pixels)
@@ -275,6 +282,10 @@ def final_record(run: Run, state: TrainState, final: Path, epoch: int, val_acc: 
             "schedule": cfg.schedule, "select": run.select, "selected_epoch": epoch, "val_acc": val_acc,
             "tuning": run.record, "classifier": cfg.classifier,
             "head_key": None if run.towers.head is None else HEAD_KEY,
-            "loss": cfg.loss, "la_tau": cfg.la_tau if cfg.loss == "logit-adjusted" else None,
+            "head_input": None if run.towers.head is None else run.towers.head_input,
+            "head_init": None if run.towers.head is None else cfg.head_init,
+            "loss": cfg.loss, "loss_params": chosen_params(cfg), "train_transform": cfg.train_transform,
+            "mda_schedule": cfg.mda_schedule if cfg.train_transform == "mda" else None,
+            "eval_transform": cfg.eval_transform,
             "eval": tests[-1] if tests else None, "bad_samples": state.bad_samples,
             "world_size": run.dist.world_size, "rank_param_digests": digests, "config": asdict(cfg)}

@@ -8,6 +8,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -17,7 +18,7 @@ from pipeline.live import LiveLog
 from pipeline.peft import HEAD_KEY
 from pipeline.runtime import atomic_path, save_torch
 from stages.phase_a.config import PhaseAConfig
-from stages.phase_a.data import BadSampleCounter
+from stages.phase_a.data import BadSampleCounter, Transforms
 from stages.phase_a.model import Towers, make_optimizer
 
 log = logging.getLogger("ballad.phase_a")
@@ -46,7 +47,8 @@ class Run:
     net: torch.nn.Module  # the towers, or DDP around them
     tokens: torch.Tensor  # the class prompts
     scale: float
-    bias: torch.Tensor | None  # τ·log prior of --loss logit-adjusted
+    loss_fn: Callable  # --loss (pipeline/losses.py make_loss): (logits, labels) -> mean loss
+    transforms: Transforms  # --train-transform per epoch, --eval-transform
     mode: str  # frozen or train
     channels_last: bool
     record: dict  # final.json's "tuning"
@@ -108,9 +110,9 @@ def start(run: Run) -> TrainState:
     state.live = LiveLog(run.out / LIVE_DIR, enabled=run.dist.is_main)
     replay(state.live, [(row["step"], live_values(row)) for row in state.rows], state.step)
     log.info("phase-a: %d steps (%d epochs), model mode %s, schedule %s, precision %s, selection %s, "
-             "tune %s (%d trainable parameters), classifier %s, loss %s", run.total, cfg.epochs, run.mode,
-             cfg.schedule, cfg.precision, run.select, cfg.tune, run.record["trainable_params"], cfg.classifier,
-             cfg.loss)
+             "tune %s (%d trainable parameters), classifier %s, loss %s, transforms %s / %s", run.total,
+             cfg.epochs, run.mode, cfg.schedule, cfg.precision, run.select, cfg.tune, run.record["trainable_params"],
+             cfg.classifier, cfg.loss, cfg.train_transform, cfg.eval_transform)
     return state
 
 

@@ -183,7 +183,7 @@ def _last(last: Path) -> Finding:
 
 # ---------------------------------------------------------------- bundles (export)
 def _bundle(path: Path) -> Iterator[Finding]:
-    from stages.bundle import HEAD_FILE, META_FILE, MODEL_FILE, Bundle, read_meta
+    from stages.bundle.run import HEAD_FILE, META_FILE, MODEL_FILE, Bundle, read_meta
 
     meta = yield from _opened(lambda: read_meta(path), lambda meta: f"{path / META_FILE}: model "
                               f"{meta['model'].get('name')}, {len(meta['classnames'])} classes, "

@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, replace
 from pipeline.errors import UserError
 from pipeline.options import DEVICE, DEVICE_HELP, INT_MAX, check_choices, check_ints, check_finite, option
 from pipeline.shots import FEW, MANY
-from stages.adapter.train_config import TrainConfig
+from stages.adapter.config import TrainConfig
 from stages.evaluate.grid import ABLATIONS, Axis, grid_axes
 
 TTA_MODES = ("none", "mean")

@@ -3,11 +3,13 @@
 Layout::
 
     NAME.bundle/
-      bundle.json          format, model (name, open_clip config, checkpoint sha256), adapter (its training
+      bundle.json          format, model (name, open_clip config, checkpoint sha256, head_input: the image
+                           feature the store holds, pipeline/heads.py), adapter (its training
                            config: λ, form, position, …) or null, classnames, templates, logit_scale,
                            feature_dtype, transform, the store's fingerprint, sha256 of the two files below
       model.safetensors    the CLIP state dict (the Phase A checkpoint's tensors)
-      head.safetensors     adapter.* (the adapter's state dict) and text_embeddings [K, D] float32
+      head.safetensors     adapter.* (the adapter's state dict) and text_embeddings [K, D] float32 (D: the
+                           feature's dimensions; a Phase A head's weights when it has one)
 
 Tensors are safetensors and metadata JSON, so opening a bundle never unpickles anything. Export refuses
 parts that do not belong together: the checkpoint must be the one the store was extracted from
@@ -33,12 +35,13 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
+from pipeline.heads import HEAD_INPUTS, PROJECTION, feature_dim, feature_model, resolved_head_input, text_to_head
 from pipeline.images import MAX_PIXELS, BadImage, open_image, read_file
 from pipeline.options import none_to_null
 from pipeline.runtime import pick_device, sha256_file
 from pipeline.validate import SHA256, TEXT, Field, check
-from stages.adapter.train_config import FORMS, POSITIONS
-from stages.bundle_config import PredictConfig
+from stages.adapter.config import FORMS, POSITIONS
+from stages.bundle.config import PredictConfig
 from store.features import DTYPES, LOGIT_SCALE, MAYBE_TEXT, TEMPLATES
 
 FORMAT = "ballad-bundle/1"
@@ -51,7 +54,8 @@ BUNDLE_META = {
     "model": Field("dict", keys={"name": Field("text", low=1), "config": Field("dict", null=True, optional=True),
                                  "pretrained": MAYBE_TEXT, "checkpoint": MAYBE_TEXT,
                                  "checkpoint_sha256": replace(SHA256, null=True, optional=True),
-                                 "embed_dim": Field("int", optional=True, low=1)}),
+                                 "embed_dim": Field("int", optional=True, low=1),
+                                 "head_input": Field("text", optional=True, choices=HEAD_INPUTS)}),
     "adapter": Field("dict", null=True, keys={"file": TEXT, "sha256": SHA256, "config": Field("dict", keys={
         "lam": Field("number", low=0, high=1), "form": Field("text", choices=FORMS),
         "position": Field("text", choices=POSITIONS)})}),
@@ -90,9 +94,11 @@ def export(ckpt, adapter, features, out) -> dict:
         raise UserError(f"--ckpt {ckpt}: not the checkpoint {features} was extracted from (sha256 {sha[:12]}…, "
                         f"store: {theirs[:12] + '…' if theirs else 'no checkpoint file'})")
     backbone = create_model(fp["model"], pretrained=str(ckpt))  # refuses tensors of another architecture
-    if backbone.embed_dim != store.embed_dim:
+    head_input = store.meta.get("head_input", PROJECTION)  # stores from before --head-input hold the embedding
+    dim = _feature_dim(backbone, head_input, f"--features {features}")
+    if dim != store.embed_dim:
         raise UserError(f"--features {features}: holds {store.embed_dim}-d features, {fp['model']} gives "
-                        f"{backbone.embed_dim}-d ones")
+                        f"{dim}-d ones at {head_input}")
     if store.meta.get("transform", repr(backbone.eval_transform)) != repr(backbone.eval_transform):
         raise UserError(f"--features {features}: extracted with another eval transform than {fp['model']} has now")
     head = load_adapter(adapter, store, features)  # refuses an adapter trained on another store
@@ -100,7 +106,7 @@ def export(ckpt, adapter, features, out) -> dict:
         "format": FORMAT,
         "model": {"name": fp["model"], "config": _open_clip().get_model_config(fp["model"]),
                   "pretrained": fp.get("pretrained"), "checkpoint": str(ckpt), "checkpoint_sha256": sha,
-                  "embed_dim": backbone.embed_dim},
+                  "embed_dim": backbone.embed_dim, "head_input": head_input},
         "adapter": _adapter_record(adapter),
         "classnames": store.classnames, "templates": store.templates, "logit_scale": store.logit_scale,
         "feature_dtype": store.meta.get("dtype", "float32"), "transform": transform_settings(backbone.eval_transform),
@@ -126,6 +132,14 @@ def _adapter_record(adapter) -> dict | None:
         return None
     config = torch.load(adapter, map_location="cpu", weights_only=True)["config"]  # load_adapter checked the file
     return {"file": str(adapter), "sha256": sha256_file(adapter), "config": config}
+
+
+def _feature_dim(backbone, head_input: str, where: str) -> int:
+    """Dimensions of the features at ``head_input`` (pipeline/heads.py), which ``where`` names; a
+    pre-projection feature on a tower without a projection is refused."""
+    if head_input not in HEAD_INPUTS or resolved_head_input(backbone.model, head_input) != head_input:
+        raise UserError(f"{where}: its features are at head input {head_input!r}, which {backbone.name} does not have")
+    return feature_dim(backbone.model, head_input, backbone.embed_dim)
 
 
 def transform_settings(transform) -> dict:
@@ -159,6 +173,7 @@ class Bundle:
 
     def __init__(self, path: Path, meta: dict, backbone, adapter, text: torch.Tensor, device):
         self.path, self.meta, self.backbone, self.adapter, self.device = path, meta, backbone, adapter, device
+        self.head_input = meta["model"].get("head_input", PROJECTION)  # the feature the store and text are at
         self.classnames: list[str] = list(meta["classnames"])
         self.text = text.to(device)  # [K, D] L2-normalised class embeddings, before any text adapter
         self.feature_dtype = getattr(torch, meta["feature_dtype"])
@@ -184,15 +199,16 @@ class Bundle:
                             f"{meta['model']['name']} builds")
         head = load_file(path / HEAD_FILE)
         text, names = head["text_embeddings"], meta["classnames"]
-        if tuple(text.shape) != (len(names), backbone.embed_dim):
+        dim = _feature_dim(backbone, meta["model"].get("head_input", PROJECTION), str(path / META_FILE))
+        if tuple(text.shape) != (len(names), dim):
             raise UserError(f"{path / HEAD_FILE}: text_embeddings are {tuple(text.shape)}, expected "
-                            f"({len(names)}, {backbone.embed_dim}) for the bundle's classes and model")
+                            f"({len(names)}, {dim}) for the bundle's classes and model")
         c = meta["adapter"]["config"] if meta["adapter"] else {}
-        adapter = Adapter(backbone.embed_dim, meta["logit_scale"], **{k: c.get(k) for k in ("lam", "form", "position")})
+        adapter = Adapter(dim, meta["logit_scale"], **{k: c.get(k) for k in ("lam", "form", "position")})
         state = {k.removeprefix("adapter."): v for k, v in head.items() if k.startswith("adapter.")}
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         if shapes != {k: tuple(v.shape) for k, v in adapter.state_dict().items()}:
-            kind = f"a {c['position']} {c['form']} adapter of {backbone.embed_dim} dims" if c else "no adapter"
+            kind = f"a {c['position']} {c['form']} adapter of {dim} dims" if c else "no adapter"
             raise UserError(f"{path / HEAD_FILE}: holds the adapter tensors {shapes or 'none'}, but {META_FILE} "
                             f"describes {kind}; re-export the bundle")
         adapter.load_state_dict(state)
@@ -200,7 +216,8 @@ class Bundle:
 
     def set_classes(self, names) -> None:
         """Predict among ``names``: the bundle's classes keep their stored embeddings, new ones go through
-        the text tower with the bundle's templates (the visual adapter applies as before)."""
+        the text tower with the bundle's templates, mapped to the bundle's head input as a text-initialised
+        head is (pipeline/heads.py ``text_to_head``; the visual adapter applies as before)."""
         from pipeline.encode import text_embeddings
 
         names = list(names)
@@ -211,7 +228,8 @@ class Bundle:
         new = [n for n in names if n not in known]
         if new:
             emb, _ = text_embeddings(self.backbone, new, self.meta["templates"], self.device)
-            known.update(zip(new, torch.from_numpy(emb).to(self.device)))
+            emb = text_to_head(self.backbone.model, torch.from_numpy(emb).to(self.device), self.head_input)
+            known.update(zip(new, emb))
         self.classnames, self.text = names, torch.stack([known[n] for n in names])
 
     def logits(self, images, tta: str = "none") -> torch.Tensor:
@@ -224,7 +242,7 @@ class Bundle:
         from stages.adapter import embed_all
         from stages.evaluate.score import adapter_logits, view_logits
 
-        model = self.backbone.model.eval()
+        model = feature_model(self.backbone.model.eval(), self.head_input)
         with torch.inference_mode():
             if tta == "none":
                 batch = torch.stack([self.backbone.eval_transform(im) for im in images])

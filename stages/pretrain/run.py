@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
-from stages.pretrain_config import PretrainConfig
+from stages.pretrain.config import PretrainConfig
 
 log = logging.getLogger("ballad.pretrain")
 

@@ -1,5 +1,5 @@
 """The options of `export` and `predict`: one config dataclass per command, torch-free, the one source of
-each option's flag, default, help and check (stages/bundle.py does the work)."""
+each option's flag, default, help and check (stages/bundle/run.py does the work)."""
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass
@@ -19,7 +19,7 @@ class ExportConfig:
                       path="any")
 
     def check(self) -> None:
-        """Nothing to check before the files are read (stages/bundle.py's export checks them)."""
+        """Nothing to check before the files are read (stages/bundle/run.py's export checks them)."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The options of `verify`: ``VerifyConfig``, torch-free (stages/verify.py does the work)."""
+"""The options of `verify`: ``VerifyConfig``, torch-free (stages/verify/run.py does the work)."""
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass
@@ -12,4 +12,4 @@ class VerifyConfig:
                        path="any")
 
     def check(self) -> None:
-        """Nothing to check before ``path`` is read (stages/verify.py says what it is)."""
+        """Nothing to check before ``path`` is read (stages/verify/run.py says what it is)."""
