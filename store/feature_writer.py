@@ -91,7 +91,8 @@ def _existing_attrs(where: Location) -> dict | None:
 # What a resumed or extended extract must share with the store; a store written before a setting
 # existed counts as having its default (view settings: none).
 IDENTITY = {"fingerprint": None, "dataset_fingerprint": None, "dtype": None, "templates": None,
-            "train_views": 0, "view_seed": None, "train_transform": None, "test_views": "none"}
+            "train_views": 0, "view_seed": None, "train_transform": None, "test_views": "none",
+            "eval_recipe": "ballad", "train_recipe": None}
 
 
 def _identity_clash(theirs: dict, ours: dict) -> str | None:

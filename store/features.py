@@ -38,6 +38,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.validate import COUNT, SHA256, TEXT, Field, Tie, check, fits, length_of, value_of
+from pipeline.transforms import EVAL_TRANSFORMS, TRAIN_TRANSFORMS
 from pipeline.views import TEST_VIEWS
 from store.location import Location
 from store.shards import RESERVED_SPLITS, SPLIT_NAME
@@ -110,6 +111,8 @@ ROOT_ATTRS = {
     "versions": Field("dict", optional=True, items=Field("text", null=True)),
     "created": replace(TEXT, optional=True), "command": COMMAND,
     "classifier": Field("text", optional=True, choices=("text", "head")),
+    "eval_recipe": Field("text", optional=True, choices=tuple(EVAL_TRANSFORMS)),
+    "train_recipe": Field("text", null=True, optional=True, choices=tuple(TRAIN_TRANSFORMS)),
     "splits": Field("list", optional=True, unique=True, items=Field("text", test=(
         lambda name: SPLIT_NAME.fullmatch(name) is not None and name not in RESERVED_SPLITS,
         f"a split name ({SPLIT_NAME.pattern}, not {', '.join(RESERVED_SPLITS)})"))),

@@ -105,8 +105,11 @@ def test_batches_decoded_on_the_device_draw_the_cpu_paths_crops(jpeg_data, tiny_
 
 # -- Phase A: resume ------------------------------------------------------------------------------------
 
-RESUMES = [pytest.param("cpu", 0, id="cpu"), pytest.param("gpu", 0, id="device-decode", marks=pytest.mark.slow),
-           pytest.param("cpu", 2, id="cpu-2-workers", marks=pytest.mark.slow)]
+# In the main process (--workers 0) the resumed run restores the RNG state last.pt saved, so its crops
+# are the uninterrupted run's. Loader workers seed their RNG at the epoch's start and skip the consumed
+# samples undecoded: the order is the same, the crops after the resume point are not (BALLAD's transform
+# alike; stages/phase_a/data.py), so a resume with workers is not checked for equal weights here.
+RESUMES = [pytest.param("cpu", 0, id="cpu"), pytest.param("gpu", 0, id="device-decode", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("decode, workers", RESUMES)

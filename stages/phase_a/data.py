@@ -13,7 +13,10 @@ worker's UserError (an unreadable image) reaches the run as its one line (``one_
 
 The train transform is rebuilt for every epoch (``Transforms.train``: LIFT+'s MDA crop depends on the
 epoch) and handed to that epoch's stream, on either decode path; its draws come from the generators
-seeded as above, so an epoch's crops are the same in a resumed run.
+seeded as above. In the main process (``--workers 0``) a resumed run restores the RNG state last.pt
+saved, so its crops are the interrupted run's; a loader worker seeds its RNG at the epoch's start and
+skips the consumed samples without decoding them, so with workers the order is the same but the crops
+after the resume point are new draws (a known departure from an uninterrupted run).
 """
 from __future__ import annotations
 
