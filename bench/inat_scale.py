@@ -11,8 +11,9 @@ inputs' bytes). The item's own extra memory is peak_mb − base_mb.
 2. one Phase B epoch (``stages.adapter.fit``, the authors' defaults but schedule standard, as
    bench.phase_b_imagenet times it) against its matmul floor (phase_b_imagenet.matmul_step);
 3. the class-aware sampler's epoch (``EpochSampler.epoch``) at full N and K;
-4. scoring (``adapter_logits`` + ``stages.evaluate.score``) of 24,426 × 8,142 logits; the report files
-   after it are bench.reports' item, not redone here;
+4. scoring (``adapter_logits`` + ``stages.evaluate.score``) of 24,426 × 8,142 logits, with the six taxonomy
+   levels of ``inat_taxonomy`` (taxonomy_s: those levels alone); the report files after it are
+   bench.reports' item, not redone here;
 5. the sweep (``stages.sweep.sweep``) with one λ and one epoch, extrapolated to 11 λ × 10 epochs;
 6. the kNN cache's search (``stages.knn.search``, faiss, exact) + ``cache_logits`` with the test queries.
 
@@ -66,6 +67,15 @@ def inat_counts(k: int = K, n: int = N, top: int = MAX_COUNT, bottom: int = MIN_
     return counts
 
 
+def inat_taxonomy(k: int = K) -> dict[str, list[str]]:
+    """Names at the six levels, kingdom … genus, for timing: class c's group i levels above the species is
+    c // 4**i (genera of 4 species … kingdoms of 4,096), nested as a real taxonomy is."""
+    from store.shards import TAXONOMY_LEVELS
+
+    return {level: [f"{level} {c // 4 ** (len(TAXONOMY_LEVELS) - i)}" for c in range(k)]
+            for i, level in enumerate(TAXONOMY_LEVELS)}
+
+
 def scaled_counts(fraction: float) -> np.ndarray:
     """iNat's counts at ``fraction`` of N, same K: each class scaled, at least 1."""
     full = inat_counts()
@@ -113,7 +123,7 @@ def one(item: str, dim: int, fraction: float, device: str) -> dict:
                 "input_mb": labels.numel() * 8 / 2**20, "base_mb": base, "peak_mb": _peak_mb()}
     if item == "evaluate":
         from stages.adapter import Adapter, embed_all
-        from stages.evaluate.score import adapter_logits, score
+        from stages.evaluate.score import adapter_logits, score, taxonomy_accuracy
 
         feats, labels = data.features(np.full(K, TEST_PER_CLASS), dim, split=1)
         text = data.text_embeddings(K, dim)
@@ -123,10 +133,14 @@ def one(item: str, dim: int, fraction: float, device: str) -> dict:
         with torch.no_grad():
             logits = adapter_logits(model, embed_all(model, feats.float()), text)
         t_logits = time.perf_counter() - t0
+        taxonomy = inat_taxonomy()
         t0 = time.perf_counter()
-        score(logits, labels.numpy(), counts)
-        return {**out, "N": len(labels), "s": t_logits + time.perf_counter() - t0, "logits_s": t_logits,
-                "score_s": time.perf_counter() - t0, "logits_mb": logits.numel() * 4 / 2**20,
+        pred = score(logits, labels.numpy(), counts, taxonomy=taxonomy)["top5"][:, 0]
+        t_score = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        taxonomy_accuracy(pred, labels.numpy(), taxonomy)
+        return {**out, "N": len(labels), "s": t_logits + t_score, "logits_s": t_logits, "score_s": t_score,
+                "taxonomy_s": time.perf_counter() - t0, "logits_mb": logits.numel() * 4 / 2**20,
                 "input_mb": feats.numel() * 2 / 2**20, "base_mb": base, "peak_mb": _peak_mb()}
     train = data.features(counts, dim)
     text = data.text_embeddings(K, dim)

@@ -22,8 +22,10 @@ def evaluate(**options):
     cfg = EvaluateConfig(**options)
     m = run(cfg)
     views = f", logits averaged over the {m['tta_views']} views" if cfg.tta == "mean" else ""
+    levels = "".join(f"  {level} {_fmt(value)}" for level, value in m.get("taxonomy", {}).items())
     click.echo(f"top-1 {_fmt(m['top1'])}  top-5 {_fmt(m['top5'])}  many {_fmt(m['many'])}  medium {_fmt(m['medium'])}"
-               f"  few {_fmt(m['few'])}  ECE {_fmt(m['ece'])}  ({m['num_test']} {cfg.split} samples{views}) → {cfg.out}")
+               f"  few {_fmt(m['few'])}  ECE {_fmt(m['ece'])}{levels}  ({m['num_test']} {cfg.split} samples{views}) "
+               f"→ {cfg.out}")
 
 
 @click.command()

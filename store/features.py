@@ -41,7 +41,7 @@ from pipeline.validate import COUNT, SHA256, TEXT, Field, Tie, check, fits, leng
 from pipeline.transforms import EVAL_TRANSFORMS, TRAIN_TRANSFORMS
 from pipeline.views import TEST_VIEWS
 from store.location import Location
-from store.shards import RESERVED_SPLITS, SPLIT_NAME
+from store.shards import RESERVED_SPLITS, SPLIT_NAME, TAXONOMY
 
 FORMAT = "ballad-features/1"
 SPLIT_ORDER = ("train", "val", "test")
@@ -94,6 +94,8 @@ ROOT_ATTRS = {
     "embed_dim": Field("int", low=1),
     "logit_scale": LOGIT_SCALE,
     "train_class_counts": Field("list", items=COUNT, length=length_of("classnames")),
+    # the dataset's coarser names per class (store/shards.py), which `evaluate` scores at; null: none known
+    "taxonomy": replace(TAXONOMY, null=True),
     "fingerprint": Field("dict", keys={
         "model": TEXT, "pretrained": Field("text", null=True), "checkpoint_sha256": replace(SHA256, null=True),
         "classnames_sha256": Field("text", equals=Tie(lambda attrs: classnames_sha256(attrs["classnames"]),

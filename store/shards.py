@@ -44,6 +44,7 @@ from typing import Iterable, Iterator
 from urllib.parse import urljoin, urlparse
 from urllib.request import url2pathname
 
+from pipeline import validate as v
 from pipeline.errors import UserError
 from store import trust
 
@@ -55,6 +56,10 @@ MARKER_FILE = ".prepare.json"  # written first: says which dataset an unfinished
 # The coarser levels a dataset.json may name each class at (``taxonomy``), coarse to fine: iNaturalist's
 # categories.json keys, kept so that an evaluation can score species predictions at genus … kingdom.
 TAXONOMY_LEVELS = ("kingdom", "phylum", "class", "order", "family", "genus")
+# How dataset.json and a feature store record it: per level, one non-empty name per class
+TAXONOMY = v.Field("dict", optional=True, keys={
+    level: v.Field("list", optional=True, length=v.length_of("classnames"), items=v.Field("text", low=1))
+    for level in TAXONOMY_LEVELS})
 Taxonomy = dict[str, list[str]]  # level → class k's name at that level, at [k]
 
 
@@ -267,7 +272,6 @@ def _check_description(meta, where) -> None:
     the user to run (only a ``ballad-pipe prepare`` command line, exactly as shlex quotes it, so that
     pasting it runs nothing else).
     """
-    from pipeline import validate as v
     from pipeline.text import template_problem
 
     meta = v.check(meta, {
@@ -282,9 +286,7 @@ def _check_description(meta, where) -> None:
         "label_key": v.Field("text", optional=True),
         "max_side": v.Field("int", optional=True, low=8, high=65500),
         "jpeg_quality": v.Field("int", optional=True, low=1, high=100),
-        "taxonomy": v.Field("dict", optional=True, keys={
-            level: v.Field("list", optional=True, length=v.length_of("classnames"), items=v.Field("text", low=1))
-            for level in TAXONOMY_LEVELS}),
+        "taxonomy": TAXONOMY,
         "splits": v.Field("dict", items=v.Field("dict")),
     }, str(where))
     if not meta["splits"]:

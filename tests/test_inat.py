@@ -2,7 +2,8 @@
 split lists `train_val2018/<kingdom>/<id>/<hash>.jpg <id>`, the official categories.json (a list of
 objects with id, name and the taxonomy), read through `--classes FILE.json`; end to end through the CLI
 (prepare list → extract → adapter → evaluate), the taxonomy kept in dataset.json and checked when read,
-and a malformed categories.json refused in one line."""
+carried into the feature store and scored by `evaluate` at every level, and a malformed categories.json
+refused in one line."""
 from __future__ import annotations
 
 import hashlib
@@ -18,6 +19,7 @@ from PIL import Image
 
 from cli import main
 from pipeline.errors import UserError
+from store.features import FeatureStore
 from store.shards import TAXONOMY_LEVELS, load_dataset
 
 # (id, species, kingdom, phylum, class, order, family, genus): the official keys, ids 0..K-1 as in iNat 2018.
@@ -95,6 +97,20 @@ def test_inat_lists_and_categories_run_end_to_end(tmp_path, single_thread):
     # every species of the test set is scored under its species name
     per_class = (reports / "per_class.csv").read_text()
     assert all(s[1] in per_class for s in SPECIES), per_class
+    # the store keeps the taxonomy, and evaluate scores the species predictions at each level, finest first
+    assert FeatureStore.open(store).meta["taxonomy"] == info.taxonomy
+    assert list(metrics["taxonomy"]) == list(reversed(TAXONOMY_LEVELS))
+    pred = np.load(reports / "predictions.npz")
+    for level, names in info.taxonomy.items():
+        same = [names[p] == names[t] for p, t in zip(pred["top5"][:, 0], pred["label"])]
+        assert metrics["taxonomy"][level] == pytest.approx(100 * np.mean(same)), level
+    levels = [metrics["top1"], *metrics["taxonomy"].values()]
+    assert levels == sorted(levels)  # a tree: a right species is right at every level above it
+    (reports / "ballad").mkdir()  # the report table's BALLAD row
+    (reports / "ballad" / "metrics.json").write_text((reports / "metrics.json").read_text())
+    code, lines = _cli("report", "--reports", reports)
+    assert code == 0 and lines[0].endswith("| genus | family | order | class | phylum | kingdom |"), lines
+    assert lines[2].endswith(" | ".join(f"{v:.1f}" for v in metrics["taxonomy"].values()) + " |"), lines
 
 
 def test_index_keeps_the_taxonomy_too(tmp_path):

@@ -1,4 +1,5 @@
-"""Stage `evaluate`: accuracy by shot group and calibration of an adapter, or of the store as it is.
+"""Stage `evaluate`: accuracy by shot group and calibration of an adapter, or of the store as it is; for
+a store that records its dataset's taxonomy (iNaturalist's), also top-1 at each coarser level.
 
 The store and the adapter are read, the split's logits computed, the metrics scored (score.py) and the
 report files written (files.py), in that order.
@@ -42,7 +43,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     feats, labels = store.features(cfg.split, device=dev)
     logits = split_logits(cfg, store, model, feats, dev)
     labels, counts = labels.cpu().numpy(), store.train_class_counts
-    result = score(logits, labels, counts, cfg.many, cfg.few)
+    result = score(logits, labels, counts, cfg.many, cfg.few, store.meta.get("taxonomy"))
     result["metrics"].update(tta=cfg.tta, tta_views=views if cfg.tta == "mean" else None)
     write_report(Path(cfg.out), result, store.classnames, counts, store.keys(cfg.split), labels, cfg.many, cfg.few)
     return result["metrics"]

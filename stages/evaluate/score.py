@@ -9,6 +9,8 @@ Metrics, all in percent:
   read as a measured accuracy.
 - ``ece``: expected calibration error of the max softmax probability over 15 equal-width bins
   (Guo et al. 2017), Σ_b |B_b|/N · |acc(B_b) − conf(B_b)|.
+- ``taxonomy`` (only for a store that records one, as iNaturalist's): top-1 at each coarser level,
+  finest first (genus … kingdom), in ``taxonomy_accuracy``.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from pipeline.shots import FEW, MANY, group_means
 from stages.adapter import Adapter, embed_all
+from store.shards import TAXONOMY_LEVELS, Taxonomy
 
 ECE_BINS = 15
 
@@ -39,8 +42,26 @@ def calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = ECE_BIN
     return float(100 * np.abs(hits - np.bincount(which, weights=conf, minlength=bins)).sum() / len(conf))
 
 
-def score(logits: torch.Tensor, labels: np.ndarray, train_counts: np.ndarray, many: int = MANY, few: int = FEW) -> dict:
-    """Metrics plus the per-class and top-5 arrays the report files need."""
+def taxonomy_accuracy(pred: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy) -> dict[str, float]:
+    """Level → top-1 in percent, finest level first: a prediction is right at a level when the predicted
+    species and the true one share that level's name. Names alone are compared, not the lineage above
+    them: a homonym (one genus name in two kingdoms) would count as one genus.
+
+    Departs from LIFT+, whose code treats each level as a separate dataset (a classifier trained and
+    scored over genera, say): here the one species classifier is scored at every level, so the numbers
+    say how far off its mistakes are, from the same logits, at no extra training."""
+    found = {}
+    for level in reversed(TAXONOMY_LEVELS):
+        if level in taxonomy:
+            code = np.unique(np.asarray(taxonomy[level], dtype=str), return_inverse=True)[1]
+            found[level] = float(100 * np.mean(code[pred] == code[labels]))
+    return found
+
+
+def score(logits: torch.Tensor, labels: np.ndarray, train_counts: np.ndarray, many: int = MANY, few: int = FEW,
+          taxonomy: Taxonomy | None = None) -> dict:
+    """Metrics plus the per-class and top-5 arrays the report files need; ``taxonomy`` (the store's, or
+    None) adds the coarser levels' top-1 as ``taxonomy``."""
     probs = logits.float().softmax(dim=1)
     top_p, top_c = probs.topk(min(5, probs.shape[1]), dim=1)
     top_p, top_c = top_p.cpu().numpy(), top_c.cpu().numpy()
@@ -50,6 +71,8 @@ def score(logits: torch.Tensor, labels: np.ndarray, train_counts: np.ndarray, ma
                "top5": float(100 * np.mean((top_c == labels[:, None]).any(1))), **groups,
                "ece": calibration_error(top_p[:, 0].astype(np.float64), pred == labels),
                "num_test": int(len(labels)), "num_classes": int(len(train_counts))}
+    if taxonomy:
+        metrics["taxonomy"] = taxonomy_accuracy(pred, labels, taxonomy)
     return {"metrics": metrics, "per_class": acc, "test_counts": test_counts, "top5": top_c, "scores": top_p}
 
 

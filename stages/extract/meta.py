@@ -146,7 +146,7 @@ def store_attrs(backbone, dataset, ckpt_path, pretrained, cfg: ExtractConfig, te
         "model": backbone.name, "pretrained": pretrained,
         "checkpoint": str(ckpt_path) if ckpt_path else None, "checkpoint_sha256": ckpt_sha,
         "embed_dim": dim, "head_input": head_input, "logit_scale": float(backbone.model.logit_scale.exp().item()),
-        "classnames": list(dataset.classnames),
+        "classnames": list(dataset.classnames), "taxonomy": dataset.taxonomy,
         "train_class_counts": list(train.class_counts) if train else [0] * dataset.num_classes,
         "dataset": {"name": dataset.name, "path": str(dataset.root)}, "dataset_fingerprint": dataset.fingerprint,
         "dtype": cfg.dtype, "templates": templates, "image_size": backbone.image_size,
