@@ -66,7 +66,9 @@ def field_option(f: Field):
         return click.option(flag, f.name, required=True, type=OrNone(kind) if meta.get("none") else kind, help=help)
     if f.default is None:
         return click.option(flag, f.name, default=None, type=OrNone(kind), help=help)
-    return click.option(flag, f.name, default=f.default, show_default=True, type=kind or type(f.default), help=help)
+    kind = kind or type(f.default)
+    return click.option(flag, f.name, default=f.default, show_default=True, help=help,
+                        type=OrNone(kind) if meta.get("none") else kind)  # ``none``: a default that may be none
 
 
 def config_options(config, names=None):

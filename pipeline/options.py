@@ -50,7 +50,7 @@ def option(default, flag: str, help: str, choices: tuple[str, ...] | None = None
     given, computes it instead (the CLI calls it when the command runs). ``cli`` holds what the default
     does not tell the CLI: ``kind`` (int, float or str) for a default of None or from a factory,
     ``path`` ("any", "dir" or "file") for a path, ``show_default`` (a text for a computed default),
-    ``none=True`` for a required option that may be none.
+    ``none=True`` for an option that may be none although its default is a value (or that is required).
     """
     metadata = {"flag": flag, "help": help, "choices": choices, **cli}
     if factory is not None:
@@ -94,7 +94,8 @@ def check_ints(config, rules: Iterable[tuple[str, int, int, str]]) -> None:
     for a field whose default is None."""
     for name, least, most, why in rules:
         value = getattr(config, name)
-        if value is not None or config.__dataclass_fields__[name].default is not None:
+        f = config.__dataclass_fields__[name]
+        if value is not None or (f.default is not None and not f.metadata.get("none")):
             check_int(_flag(config, name), value, least, most, why)
 
 

@@ -20,7 +20,7 @@ def test_open_clip_text_pool_takes_eos_token_id():  # open_clip_torch >= 3.1 (pi
     assert "eos_token_id" in inspect.signature(text_global_pool).parameters
 
 
-def test_torch_has_fused_sgd_on_cpu():  # torch >= 2.4 (stages/adapter.py)
+def test_torch_has_fused_sgd_on_cpu():  # torch >= 2.4 (stages/adapter/train.py)
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.5, momentum=0.9, fused=True)
     w.sum().backward()

@@ -23,7 +23,7 @@ SMALL = {
     "extract": {"workers": 0, "test-views": "flip"},
     "views": {"train-views": 2},
     "adapter": {"train": {"epochs": 2, "batch-size": 64}},
-    "sweep": {"lambdas": "0,0.5"},
+    "sweep": {"lambda": {"ablation": "none", "lambdas": "0,0.5"}},  # two λ; the other grids as the demo's
 }
 
 
@@ -81,7 +81,8 @@ def test_dvc_repro_runs_every_stage_and_lambda_reruns_only_phase_b(tmp_path):
     assert "checkpoints/phase_a/dvclive/plots/metrics/train/loss.tsv" in plots
     assert "models/adapter.dvclive/plots/metrics/train/loss.tsv" in plots
     assert "checkpoints/pretrain/dvclive/plots/metrics/loss.tsv" in plots
-    assert (repo / "reports/sweep/sweep.json").is_file()
+    assert all((repo / f"reports/sweep/{name}/sweep.json").is_file() for name in ("lambda", "positions", "samplers",
+                                                                                   "losses"))
 
     _set_params(repo, {"adapter": {"lambda": 0.5}})
     status = json.loads(_dvc(repo, "status", "--json"))
@@ -146,8 +147,9 @@ def test_a_code_edit_changes_only_the_stages_whose_command_runs_it(tmp_path):
                                                                       "adapter") for f in code_files(c)})
     _append(repo / evaluate_only[-1])
     changed = set(json.loads(_dvc(repo, "status", "--json")))
+    sweeps = {f"sweep@{name}" for name in ("lambda", "positions", "samplers", "losses")}
     assert "evaluate@ballad" in changed and changed <= {"evaluate@zero_shot", "evaluate@phase_a", "evaluate@ballad",
-                                                        "sweep"}, (evaluate_only[-1], changed)
+                                                        *sweeps}, (evaluate_only[-1], changed)
     shutil.copy2(REPO / evaluate_only[-1], repo / evaluate_only[-1])
 
     _append(repo / "cli" / "phase_a.py")

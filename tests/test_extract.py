@@ -280,20 +280,20 @@ def test_interrupted_runs_resume_to_identical_store(reference, tiny_data, ckpt, 
     assert len(staged) == 2
 
     monkeypatch.setattr(feature_writer, "CHUNK_ROWS", CHUNK_ROWS)
-    create = features._array
+    create = feature_writer._array
 
     def crash_writing_train(group, name, *a, **kw):  # what a kill leaves mid-finish: arrays made, not filled
         create(group, name, *a, **kw)
         if name == "key" and group.path == "train":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(features, "_array", crash_writing_train)
+    monkeypatch.setattr(feature_writer, "_array", crash_writing_train)
     with caplog.at_level("INFO", logger="ballad.extract"), pytest.raises(KeyboardInterrupt):
         extract(str(ckpt), tiny_data, out, batch_size=32, workers=1, **VIEWS)
     assert "train: 2 of 6 shard(s) already extracted, computing 4" in caplog.text
     assert all((out / features.STAGING / "train" / n).stat().st_mtime_ns == t for n, t in staged.items())
     assert not FeatureStore.open(out).is_complete("train")
-    monkeypatch.setattr(features, "_array", create)
+    monkeypatch.setattr(feature_writer, "_array", create)
     assert extract(str(ckpt), tiny_data, out, batch_size=32, workers=1, **VIEWS) == {"train": 0, "val": 1, "test": 2}
     _same_store(reference, out)
 

@@ -92,6 +92,9 @@ def test_inat_lists_and_categories_run_end_to_end(tmp_path, single_thread):
         code, lines = _cli(*args)
         assert code == 0, (args[0], lines)
     metrics = json.loads((reports / "metrics.json").read_text())
+    # evaluate's printed line shows the levels after ECE, finest first, as metrics.json holds them
+    shown = "".join(f"  {level} {value:.2f}" for level, value in metrics["taxonomy"].items())
+    assert f"ECE {metrics['ece']:.2f}{shown}  ({metrics['num_test']} test samples)" in lines[-1], lines
     assert metrics["num_classes"] == len(SPECIES) and metrics["num_test"] == TEST_PER_CLASS * len(SPECIES)
     assert 0 <= metrics["top1"] <= 100
     # every species of the test set is scored under its species name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 
 import click
 import pytest
@@ -109,6 +109,22 @@ def test_phase_a_numeric_options_take_dvcs_null(monkeypatch, word):
                                        "--micro-batch", word, "--logit-scale", word, "--adapter-width", word])
     assert result.exit_code == 0, result.output
     assert seen == [PhaseAConfig(data="d", model="m")]
+
+
+@pytest.mark.parametrize("word", ["none", "None"])
+def test_an_option_with_a_value_default_may_still_be_none(monkeypatch, word):
+    """``--head-init-shots`` defaults to 100 (LIFT+'s) and takes none (every image, LIFT's)."""
+    import stages.phase_a as pa
+
+    seen = []
+    monkeypatch.setattr(pa, "run_phase_a", lambda cfg: seen.append(cfg) or "final.pt")
+    args = ["phase-a", "--data", "d", "--model", "m", "--classifier", "head", "--head-init", "class-mean"]
+    assert CliRunner().invoke(main, [*args, "--head-init-shots", word]).exit_code == 0
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert [cfg.head_init_shots for cfg in seen] == [None, 100]
+    seen[0].check()  # none passes the config's own range check, 0 does not
+    with pytest.raises(UserError, match="--head-init-shots 0"):
+        replace(seen[0], head_init_shots=0).check()
 
 
 @pytest.mark.parametrize("args, stage, returns, nones", [

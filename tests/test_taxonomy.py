@@ -154,6 +154,21 @@ def test_a_damaged_taxonomy_attribute_is_a_one_line_error_naming_the_store_and_k
     assert r.output.startswith(f"Error: {path}: attribute 'taxonomy")
 
 
+def test_cli_evaluate_prints_the_levels_only_for_a_taxonomy_store(tmp_path):
+    lines = {}
+    for name, taxonomy in (("with", TAXONOMY), ("without", None)):
+        _store(tmp_path / f"{name}.zarr", taxonomy, test_per_class=10)
+        r = CliRunner().invoke(main, ["evaluate", "--features", str(tmp_path / f"{name}.zarr"), "--out",
+                                      str(tmp_path / name), "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        lines[name] = (r.output.strip(), json.loads((tmp_path / name / "metrics.json").read_text()))
+    (with_line, m), (without_line, plain) = lines["with"], lines["without"]
+    shown = "".join(f"  {level} {m['taxonomy'][level]:.2f}" for level in reversed(TAXONOMY_LEVELS))
+    assert f"ECE {m['ece']:.2f}{shown}  (60 test samples)" in with_line
+    assert f"ECE {plain['ece']:.2f}  (60 test samples)" in without_line
+    assert not any(level in without_line.split(" → ")[0] for level in TAXONOMY_LEVELS)
+
+
 def test_report_table_has_a_column_per_level_any_row_holds(tmp_path):
     rows = [("Phase A", {"many": 80.0, "medium": 50.0, "few": 20.0, "top1": 61.0, "top5": 90.0}),
             ("BALLAD", {"many": 78.0, "medium": 60.0, "few": 40.0, "top1": 66.5, "top5": 93.0,

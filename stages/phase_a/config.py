@@ -98,7 +98,7 @@ class PhaseAConfig:
     tune: str = resumable(option("full", "--tune", TUNE_HELP, TUNES))
     lora_rank: int | None = resumable(option(None, "--lora-rank", "Rank r of --tune lora, scaling 1/r (default, or "
                                                                   f"none: {WIDTH_RULE}, as LIFT).", kind=int))
-    adapter_width: int | None = resumable(option(None, "--adapter-width", "Bottleneck width of --tune adaptformer "
+    adapter_width: int | None = resumable(option(None, "--adapter-width", "Bottleneck width of --tune adaptformer or adapter "
                                                                           f"(default, or none: {WIDTH_RULE}).",
                                                  kind=int))
     tune_blocks: int | None = resumable(option(None, "--tune-blocks", "Limit a --tune block method to the image "
@@ -112,7 +112,8 @@ class PhaseAConfig:
     head_init: str = resumable(option("text", "--head-init", HEAD_INIT_HELP, HEAD_INITS))
     head_init_shots: int | None = resumable(option(100, "--head-init-shots", "Train images per class read by --head-init "
                                                                              "class-mean/linear-probe (LIFT+'s 100; "
-                                                                             "none: all, LIFT's).", kind=int))
+                                                                             "none: all, LIFT's).", kind=int,
+                                                   none=True))
     seed: int = resumable(shared.seed("Seed of the model's initialisation, the data order and the augmentation."))
     workers: int = shared.workers("DataLoader workers per process.", default_workers, "4, at most the usable cores")
     shuffle_buffer: int = option(2000, "--shuffle-buffer", "Samples in the shuffle buffer per worker.")
