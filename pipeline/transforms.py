@@ -195,3 +195,15 @@ def normalization(transform) -> tuple[tuple, tuple]:
     if norm is None:
         raise ValueError(f"no Normalize step in {transform!r}")
     return tuple(norm.mean), tuple(norm.std)
+
+
+def with_recipes(backbone, eval_recipe: str, train_recipe: str):
+    """``backbone`` (pipeline/models.py) with the eval transform ``eval_recipe`` and the train transform
+    ``train_recipe`` at its image size, mean and std (ballad: the factory's own): what extract encodes
+    with, and what a bundle of its store rebuilds."""
+    from dataclasses import replace
+
+    mean, std = normalization(backbone.eval_transform)
+    size = backbone.image_size
+    return replace(backbone, eval_transform=eval_transform(eval_recipe, size, mean, std),
+                   train_transform=train_transform(train_recipe, size, mean, std))

@@ -264,3 +264,28 @@ def test_classes_file_replaces_or_adds_names(run, tmp_path):
                                   "--classes", str(tmp_path / "extra.txt")])
     assert r.exit_code == 0, r.output
     assert [p["class"] for p in json.loads(r.stdout)["predictions"]] in (["hexagon", "star"], ["star", "hexagon"])
+
+
+def test_a_store_of_lifts_eval_transform_exports_and_predicts_its_features(run, tiny_data, tmp_path):
+    """`extract --eval-transform lift` (Resize 8/7 bilinear + centre crop, TTE +24 bilinear): the bundle
+    records the recipe, rebuilds that transform on load, and its features are the store's."""
+    from stages.evaluate.score import view_logits
+
+    features = tmp_path / "lift.zarr"
+    extract(str(run.ckpt), tiny_data, features, splits=["train", "test"], batch_size=64, workers=0,
+            test_views="five-crop", eval_transform="lift", dtype="float32")
+    bundle = tmp_path / "lift.bundle"
+    export(run.ckpt, "none", features, bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["eval_recipe"] == "lift"
+    assert meta["transform"]["resize_shorter_side"] == 36 and meta["transform"]["interpolation"] == "bilinear"
+    loaded = Bundle.load(bundle, device="cpu")
+    store = FeatureStore.open(features)
+    images = [_image(s) for s in run.samples[:8]]
+    text = torch.from_numpy(store.text_embeddings())
+    plain = torch.from_numpy(store.features("test")[0][:8]).float()
+    expected = view_logits(loaded.adapter, plain[None], text)
+    torch.testing.assert_close(loaded.logits(images), expected, atol=1e-4, rtol=1e-4)
+    tta = torch.from_numpy(store.tta_features("test")[:, :8]).float()
+    torch.testing.assert_close(loaded.logits(images, tta="five-crop"), view_logits(loaded.adapter, tta, text),
+                               atol=1e-4, rtol=1e-4)

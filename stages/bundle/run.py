@@ -39,6 +39,7 @@ from pipeline.heads import HEAD_INPUTS, PROJECTION, feature_dim, feature_model, 
 from pipeline.images import MAX_PIXELS, BadImage, open_image, read_file
 from pipeline.options import none_to_null
 from pipeline.runtime import pick_device, sha256_file
+from pipeline.transforms import EVAL_TRANSFORMS, with_recipes
 from pipeline.validate import SHA256, TEXT, Field, check
 from stages.adapter.config import FORMS, POSITIONS
 from stages.bundle.config import PredictConfig
@@ -61,6 +62,7 @@ BUNDLE_META = {
         "position": Field("text", choices=POSITIONS)})}),
     "classnames": Field("list", low=1, unique=True, items=Field("text", low=1)),
     "templates": TEMPLATES, "logit_scale": LOGIT_SCALE, "feature_dtype": Field("text", choices=DTYPES),
+    "eval_recipe": Field("text", optional=True, choices=tuple(EVAL_TRANSFORMS)),  # extract --eval-transform's
     "transform": Field("dict", keys={  # and on load, equal to the one the model builds
         "resize_shorter_side": Field("int", low=1), "interpolation": TEXT,
         "center_crop": Field("list", length=2, items=Field("int", low=1)),
@@ -93,7 +95,9 @@ def export(ckpt, adapter, features, out) -> dict:
     if sha != theirs:
         raise UserError(f"--ckpt {ckpt}: not the checkpoint {features} was extracted from (sha256 {sha[:12]}…, "
                         f"store: {theirs[:12] + '…' if theirs else 'no checkpoint file'})")
-    backbone = create_model(fp["model"], pretrained=str(ckpt))  # refuses tensors of another architecture
+    # refuses tensors of another architecture; the eval transform the store's features were made with
+    recipe = store.meta.get("eval_recipe", "ballad")
+    backbone = with_recipes(create_model(fp["model"], pretrained=str(ckpt)), recipe, "ballad")
     head_input = store.meta.get("head_input", PROJECTION)  # stores from before --head-input hold the embedding
     dim = _feature_dim(backbone, head_input, f"--features {features}")
     if dim != store.embed_dim:
@@ -107,6 +111,7 @@ def export(ckpt, adapter, features, out) -> dict:
         "model": {"name": fp["model"], "config": _open_clip().get_model_config(fp["model"]),
                   "pretrained": fp.get("pretrained"), "checkpoint": str(ckpt), "checkpoint_sha256": sha,
                   "embed_dim": backbone.embed_dim, "head_input": head_input},
+        "eval_recipe": recipe,
         "adapter": _adapter_record(adapter),
         "classnames": store.classnames, "templates": store.templates, "logit_scale": store.logit_scale,
         "feature_dtype": store.meta.get("dtype", "float32"), "transform": transform_settings(backbone.eval_transform),
@@ -193,7 +198,9 @@ class Bundle:
             if sha256_file(path / name) != meta["files"].get(name):
                 raise UserError(f"{path / name}: does not belong to this bundle (sha256 differs from {META_FILE})")
         dev = pick_device(device)
-        backbone = create_model(meta["model"]["name"], pretrained=str(path / MODEL_FILE), device=dev)
+        recipe = meta.get("eval_recipe", "ballad")  # bundles from before the recipes: the factory's (ballad)
+        backbone = with_recipes(create_model(meta["model"]["name"], pretrained=str(path / MODEL_FILE), device=dev),
+                                recipe, "ballad")
         if transform_settings(backbone.eval_transform) != meta["transform"]:
             raise UserError(f"{path / META_FILE}: transform {meta['transform']} is not the one this version of "
                             f"{meta['model']['name']} builds")
@@ -249,7 +256,7 @@ class Bundle:
                 feats = image_features(model, batch, self.device, self.feature_dtype)
                 return adapter_logits(self.adapter, embed_all(self.adapter, feats), self.text)
             per_image, normalize = split_transform(self.backbone.eval_transform)
-            views = tta_views(per_image, tta)
+            views = tta_views(per_image, tta, self.meta.get("eval_recipe", "ballad"))
             feats = view_features(model, torch.stack([views(im) for im in images]), self.device, self.feature_dtype,
                                   normalize, batch_size=len(images))
             return view_logits(self.adapter, feats, self.text)

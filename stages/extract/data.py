@@ -11,12 +11,11 @@ any process, run or resume. Where the pixels are made is ``--decode``'s choice, 
 
 Both make the split's extra views the store records (``extra_views``): seeded train-transform views
 of train images, or test-time views of the others (pipeline/views.py). The transforms are the run's
-recipes (``with_recipes``: --eval-transform, --train-transform), in the backbone's place of the
+recipes (pipeline.transforms.with_recipes: --eval-transform, --train-transform), in the backbone's place of the
 factory's; the test-time views resize by the eval recipe's rule (``recipe``).
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -28,17 +27,6 @@ from pipeline.tensor_transforms import TensorTransform
 from pipeline.views import TEST_VIEWS, TrainViews, tta_views
 from store.features import TTA, VIEWS, ExtraViews
 from store.stream import decode_batch, encode_batch, sample_stream
-
-
-def with_recipes(backbone, eval_recipe: str, train_recipe: str):
-    """``backbone`` with the eval transform ``eval_recipe`` and the train transform ``train_recipe``
-    (pipeline/transforms.py; ballad: the factory's own) at its image size, mean and std."""
-    from pipeline.transforms import eval_transform, normalization, train_transform
-
-    mean, std = normalization(backbone.eval_transform)
-    size = backbone.image_size
-    return replace(backbone, eval_transform=eval_transform(eval_recipe, size, mean, std),
-                   train_transform=train_transform(train_recipe, size, mean, std))
 
 
 def extra_views(split: str, train_views: int, test_views: str) -> ExtraViews | None:

@@ -30,8 +30,9 @@ from pipeline.heads import PROJECTION, feature_dim, feature_model, resolved_head
 from pipeline.images import MAX_PIXELS
 from pipeline.options import none_to_null
 from pipeline.shared_options import default_workers
+from pipeline.transforms import with_recipes
 from stages.extract.config import ExtractConfig
-from stages.extract.data import DevicePixels, WorkerPixels, extra_views, make_loader, with_recipes
+from stages.extract.data import DevicePixels, WorkerPixels, extra_views, make_loader
 from stages.extract.meta import recorded_head_input, resolve_checkpoint, resolve_templates, store_attrs
 from store.feature_writer import SplitWriter, create_store, write_text
 from store.stream import decode_on_device
