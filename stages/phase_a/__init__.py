@@ -37,24 +37,26 @@ The method, with the authors' code's choices as the defaults (docs/fidelity.md l
 
 LIFT's recipe (Shi et al., ICML 2024; docs/lift.md), each part a flag beside BALLAD's default:
 - ``--tune`` (pipeline/tuning.py, one registered entry per method): ``full`` (BALLAD) trains both
-  towers; ``bias-norm``, ``bitfit``, ``layernorm``, ``lora`` and ``adaptformer`` train only their
-  image-tower parameters and freeze the text tower, as LIFT. ``--lora-rank`` and ``--adapter-width``
-  default to LIFT's width rule; final.json records each method's trainable count (``module_params``).
+  towers; ``bias-norm``, ``bitfit``, ``layernorm``, ``lora``, ``adaptformer``, ``adapter``, ``ssf``,
+  ``vpt-shallow`` and ``vpt-deep`` train only their image-tower parameters (``--tune-blocks K``: the
+  last K blocks) and freeze the text tower, as LIFT. ``--lora-rank`` and ``--adapter-width`` default to
+  LIFT's width rule; final.json records each method's trainable count (``module_params``).
 - ``--classifier``: ``text`` (BALLAD) classifies with the text tower's embeddings of the K prompts,
-  computed every step; ``head`` (LIFT) trains a cosine classifier W [K, D] initialised from those
-  embeddings (computed once by the frozen text tower, L2-normalised), so the text tower does not run
-  per step and is frozen even under ``--tune full``. logits = s · norm(v) · norm(W)ᵀ on the projected
-  image embedding v, the feature ``extract`` stores, with the same s as ``text``: the model's logit
-  scale (``--logit-scale 25`` is LIFT's). LIFT puts the head on the 768-d feature before the image
-  projection, initialised with the text embeddings mapped back through the projection's transpose;
-  ours keeps the store's D-dim space, so ``extract`` writes the trained W as the store's class
-  embeddings. The head trains with the tower's lr and weight decay, as LIFT's single optimizer.
-- ``--loss logit-adjusted`` adds τ · log(train class prior) (pipeline/prior.py, the same as Phase B's)
-  to the training logits only; validation and test accuracies use the plain logits.
-Differences from LIFT's code kept on purpose: BALLAD's train transform (LIFT: RandomResizedCrop 0.08–1,
-bilinear, no colour jitter; ``--color-jitter 0`` drops ours), the authors' schedule stepped at epoch
-start (``--schedule standard`` is LIFT's), no test-time ensembling here (``extract --test-views`` and
-``evaluate --tta``).
+  computed every step; ``head`` (LIFT) trains a cosine classifier, so the text tower does not run per
+  step and is frozen even under ``--tune full``: logits = s · norm(h) · norm(W)ᵀ with the model's logit
+  scale s (``--logit-scale 25`` is LIFT's). ``--head-input pre-projection`` (LIFT's, the default) reads a
+  ViT's feature before the image projection, ``projection`` the projected embedding (a ResNet's head
+  always reads it, as LIFT's code); ``--head-init`` starts W from the text features (mapped back through
+  the projection's transpose on a ViT, W = normalize(normalize(t)·Pᵀ)), the class means or a balanced
+  linear probe (pipeline/heads.py). ``extract`` stores the feature the head reads and W as the store's
+  class embeddings. The head trains with the tower's lr and weight decay, as LIFT's single optimizer.
+- ``--loss``: any loss of pipeline/losses.py (logit-adjusted: + τ · log(train class prior), LIFT's),
+  in training only; validation and test accuracies use the plain logits.
+- ``--train-transform`` / ``--eval-transform`` (pipeline/transforms.py): BALLAD's (the default), LIFT's,
+  or LIFT+'s minimalist augmentation (``mda``, its crop rising with the epoch) and test transform.
+Departures from LIFT's code: the authors' schedule stepped at epoch start by default (``--schedule
+standard`` is LIFT's); test-time ensembling happens at extract (``--test-views``) and evaluate
+(``--tta``), not here; the last partial batch of an epoch is dropped.
 
 Gradient accumulation (``--micro-batch``) gives the full-batch gradient while running the text tower
 forward with gradients once per step: the earlier micro-batches use detached text features and
